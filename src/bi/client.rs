@@ -1,0 +1,430 @@
+//! The HTTP client for a Cube-compatible REST API.
+//!
+//! One [`BiClient::load`] is one logical BI call: it sends one `POST /load`
+//! (a single query, or a data-blending batch), re-sends it while the BI answers
+//! "Continue wait", waits out a 429's `Retry-After` when the deadline allows,
+//! and gives back one row list per query, in order. Each HTTP request is its
+//! own `bi.call` span.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use serde::Serialize;
+use tokio::time::Instant;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use super::protocol::{CONTINUE_WAIT, CubeQuery, LoadResponse, MetaResponse, Row};
+use crate::telemetry::names;
+
+/// How the client talks to the BI.
+#[derive(Debug, Clone)]
+pub struct BiSettings {
+    /// Base URL without a trailing slash, like `http://cube:4000/cubejs-api/v1`.
+    pub base_url: String,
+    pub token: Option<String>,
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub continue_wait_delay: Duration,
+}
+
+/// Why a BI call produced no rows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BiError {
+    /// The BI refused the query: its own words, safe to show (a 4xx, or an
+    /// `error` body that is not "Continue wait").
+    #[error("the BI rejected the query (HTTP {status}): {message}")]
+    Rejected { status: u16, message: String },
+    /// The BI failed on its side (5xx). Its body can hold SQL or secrets, so it
+    /// is never part of the error, only of the debug log.
+    #[error("the BI failed with HTTP {status}")]
+    Failed { status: u16 },
+    /// The BI answered, but not in a shape this gateway understands.
+    #[error("the BI sent an answer the gateway cannot read: {0}")]
+    BadResponse(String),
+    /// 429, and waiting for `Retry-After` would pass the deadline.
+    #[error("the BI is rate limiting the gateway")]
+    RateLimited { retry_after: Option<Duration> },
+    #[error("the BI could not be reached: {0}")]
+    Unreachable(String),
+    /// No data before the deadline (slow answers or Continue-wait rounds).
+    #[error("the BI did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl BiError {
+    /// Whether a failed batch is worth re-sending as single queries: only
+    /// when the BI judged the queries (one bad panel fails a whole batch), not
+    /// when it is down, slow or rate limiting, where N retries would only make
+    /// things worse.
+    pub fn is_about_the_queries(&self) -> bool {
+        matches!(
+            self,
+            BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_)
+        )
+    }
+
+    /// A stable, low-cardinality name for metrics and spans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BiError::Rejected { .. } => "rejected",
+            BiError::Failed { .. } => "server_error",
+            BiError::BadResponse(_) => "bad_response",
+            BiError::RateLimited { .. } => "rate_limited",
+            BiError::Unreachable(_) => "unreachable",
+            BiError::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// A cheap handle on one pooled HTTP client.
+#[derive(Clone)]
+pub struct BiClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    load_url: String,
+    meta_url: String,
+    token: Option<HeaderValue>,
+    timeout: Duration,
+    continue_wait_delay: Duration,
+}
+
+/// What one HTTP request to `/load` came to.
+enum Attempt {
+    Answered(LoadResponse),
+    ContinueWait,
+    RateLimited(Option<Duration>),
+    ConnectFailed(String),
+    Failed(BiError),
+}
+
+/// Connection failures (nothing was sent) are retried this often, quickly:
+/// they are usually a restarting BI or a connection closed under us.
+const CONNECT_RETRIES: u32 = 2;
+const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Longest BI error text passed on to users.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+#[derive(Serialize)]
+struct SingleBody<'a> {
+    query: &'a CubeQuery,
+}
+
+#[derive(Serialize)]
+struct MultiBody<'a> {
+    #[serde(rename = "queryType")]
+    query_type: &'static str,
+    query: Vec<&'a CubeQuery>,
+}
+
+impl BiClient {
+    pub fn new(settings: BiSettings) -> Result<BiClient, BiError> {
+        let token = settings
+            .token
+            .as_deref()
+            .map(|token| {
+                let mut value = HeaderValue::from_str(token).map_err(|_| {
+                    BiError::BadResponse("BI_TOKEN is not a valid header value".into())
+                })?;
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
+        let http = reqwest::Client::builder()
+            // Cube closes idle keep-alive connections after 5 s; closing ours
+            // first avoids sending a request down a connection being closed.
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|err| BiError::Unreachable(err.to_string()))?;
+        Ok(BiClient {
+            inner: Arc::new(Inner {
+                http,
+                load_url: format!("{}/load", settings.base_url),
+                meta_url: format!("{}/meta", settings.base_url),
+                token,
+                timeout: settings.timeout,
+                continue_wait_delay: settings.continue_wait_delay,
+            }),
+        })
+    }
+
+    /// Sends `queries` as one BI call (a batch when there are several; the
+    /// caller keeps a batch within Cube's blending rules) and returns their
+    /// rows in order. Batched rows lose the `time.<granularity>` key that Cube
+    /// adds only to batches, so rows never depend on how they were fetched.
+    pub async fn load(&self, queries: &[&CubeQuery]) -> Result<Vec<Vec<Row>>, BiError> {
+        let result = self.load_inner(queries).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!(names::BI_QUERIES, "outcome" => outcome).increment(queries.len() as u64);
+        result
+    }
+
+    async fn load_inner(&self, queries: &[&CubeQuery]) -> Result<Vec<Vec<Row>>, BiError> {
+        let body = match queries {
+            [] => return Ok(Vec::new()),
+            [single] => serde_json::to_vec(&SingleBody { query: single }),
+            many => serde_json::to_vec(&MultiBody {
+                query_type: "multi",
+                query: many.to_vec(),
+            }),
+        }
+        .map_err(|err| BiError::BadResponse(err.to_string()))?;
+        let body = bytes::Bytes::from(body);
+        let deadline = Instant::now() + self.inner.timeout;
+        let members = describe_members(queries);
+        let date_ranges = describe_date_ranges(queries);
+
+        let mut connect_failures = 0;
+        for round in 1.. {
+            let span = tracing::info_span!(
+                "bi.call",
+                otel.kind = "client",
+                http.request.method = "POST",
+                url.full = %self.inner.load_url,
+                http.response.status_code = Empty,
+                bi.query_count = queries.len(),
+                bi.members = %members,
+                bi.date_ranges = %date_ranges,
+                bi.round = round,
+                bi.response_bytes = Empty,
+                error.type = Empty,
+            );
+            let attempt = self
+                .send_load(body.clone(), deadline)
+                .instrument(span)
+                .await;
+            match attempt {
+                Attempt::Answered(response) => return split_answer(response, queries),
+                Attempt::ContinueWait => {
+                    if Instant::now() + self.inner.continue_wait_delay >= deadline {
+                        return Err(BiError::Timeout(self.inner.timeout));
+                    }
+                    tokio::time::sleep(self.inner.continue_wait_delay).await;
+                }
+                Attempt::RateLimited(retry_after) => {
+                    let pause = retry_after.unwrap_or(Duration::from_secs(1));
+                    if Instant::now() + pause >= deadline {
+                        return Err(BiError::RateLimited { retry_after });
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                Attempt::ConnectFailed(reason) => {
+                    connect_failures += 1;
+                    if connect_failures > CONNECT_RETRIES
+                        || Instant::now() + CONNECT_RETRY_PAUSE >= deadline
+                    {
+                        return Err(BiError::Unreachable(reason));
+                    }
+                    tokio::time::sleep(CONNECT_RETRY_PAUSE).await;
+                }
+                Attempt::Failed(err) => return Err(err),
+            }
+        }
+        unreachable!("the round counter never ends")
+    }
+
+    /// One HTTP request to `/load`, recorded on the current `bi.call` span.
+    async fn send_load(&self, body: bytes::Bytes, deadline: Instant) -> Attempt {
+        let started = std::time::Instant::now();
+        let attempt = self.send_load_untimed(body, deadline).await;
+        let outcome = match &attempt {
+            Attempt::Answered(_) => "ok",
+            Attempt::ContinueWait => "continue_wait",
+            Attempt::RateLimited(_) => "rate_limited",
+            Attempt::ConnectFailed(_) => "unreachable",
+            Attempt::Failed(err) => err.kind(),
+        };
+        if outcome != "ok" && outcome != "continue_wait" {
+            tracing::Span::current().record("error.type", outcome);
+        }
+        metrics::counter!(names::BI_HTTP_REQUESTS, "outcome" => outcome).increment(1);
+        metrics::histogram!(names::BI_HTTP_DURATION, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        attempt
+    }
+
+    async fn send_load_untimed(&self, body: bytes::Bytes, deadline: Instant) -> Attempt {
+        let span = tracing::Span::current();
+        let mut request = self
+            .inner
+            .http
+            .post(&self.inner.load_url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(token) = &self.inner.token {
+            request = request.header(AUTHORIZATION, token.clone());
+        }
+        let timed_out = || Attempt::Failed(BiError::Timeout(self.inner.timeout));
+        let response = match tokio::time::timeout_at(deadline, request.send()).await {
+            Err(_) => return timed_out(),
+            Ok(Err(err)) if err.is_connect() => return Attempt::ConnectFailed(describe(&err)),
+            Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(describe(&err))),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = match tokio::time::timeout_at(deadline, response.bytes()).await {
+            Err(_) => return timed_out(),
+            Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(describe(&err))),
+            Ok(Ok(bytes)) => bytes,
+        };
+        span.record("bi.response_bytes", bytes.len());
+
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Attempt::RateLimited(retry_after);
+        }
+        if status.is_server_error() {
+            // Only at debug level: 5xx bodies can carry SQL and credentials.
+            tracing::debug!(status = status.as_u16(), body = %String::from_utf8_lossy(&bytes), "BI server error body");
+            return Attempt::Failed(BiError::Failed {
+                status: status.as_u16(),
+            });
+        }
+        let parsed: Result<LoadResponse, _> = serde_json::from_slice(&bytes);
+        match parsed {
+            Ok(LoadResponse {
+                error: Some(error), ..
+            }) => {
+                if status.is_success() && error == CONTINUE_WAIT {
+                    Attempt::ContinueWait
+                } else {
+                    Attempt::Failed(BiError::Rejected {
+                        status: status.as_u16(),
+                        message: truncate(&error),
+                    })
+                }
+            }
+            Ok(_) if !status.is_success() => Attempt::Failed(BiError::Rejected {
+                status: status.as_u16(),
+                message: format!("HTTP {status}"),
+            }),
+            Ok(response) => Attempt::Answered(response),
+            Err(_) if !status.is_success() => Attempt::Failed(BiError::Rejected {
+                status: status.as_u16(),
+                message: truncate(&String::from_utf8_lossy(&bytes)),
+            }),
+            Err(err) => Attempt::Failed(BiError::BadResponse(err.to_string())),
+        }
+    }
+
+    /// `GET /meta`: the BI's cubes and members.
+    pub async fn meta(&self) -> Result<MetaResponse, BiError> {
+        let mut request = self.inner.http.get(&self.inner.meta_url);
+        if let Some(token) = &self.inner.token {
+            request = request.header(AUTHORIZATION, token.clone());
+        }
+        let response = request
+            .timeout(self.inner.timeout)
+            .send()
+            .await
+            .map_err(|err| BiError::Unreachable(describe(&err)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(BiError::Rejected {
+                status: status.as_u16(),
+                message: format!("GET /meta answered HTTP {status}"),
+            });
+        }
+        response
+            .json()
+            .await
+            .map_err(|err| BiError::BadResponse(err.to_string()))
+    }
+
+    /// Whether the BI answers `GET /meta` within `within`: the readiness probe.
+    pub async fn is_reachable(&self, within: Duration) -> bool {
+        let mut request = self.inner.http.get(&self.inner.meta_url).timeout(within);
+        if let Some(token) = &self.inner.token {
+            request = request.header(AUTHORIZATION, token.clone());
+        }
+        matches!(request.send().await, Ok(response) if response.status().is_success())
+    }
+}
+
+/// Matches a BI answer to its queries, by position.
+fn split_answer(response: LoadResponse, queries: &[&CubeQuery]) -> Result<Vec<Vec<Row>>, BiError> {
+    if queries.len() == 1 {
+        return response
+            .data
+            .map(|rows| vec![rows])
+            .ok_or_else(|| BiError::BadResponse("no `data` in the answer".into()));
+    }
+    let results = response
+        .results
+        .ok_or_else(|| BiError::BadResponse("no `results` in a batch answer".into()))?;
+    if results.len() != queries.len() {
+        return Err(BiError::BadResponse(format!(
+            "{} results for {} queries",
+            results.len(),
+            queries.len()
+        )));
+    }
+    Ok(results
+        .into_iter()
+        .zip(queries)
+        .map(|(result, query)| {
+            let mut rows = result.data;
+            if let Some(granularity) = query.granularity() {
+                let blending_key = format!("time.{granularity}");
+                for row in &mut rows {
+                    row.remove(&blending_key);
+                }
+            }
+            rows
+        })
+        .collect())
+}
+
+fn describe(err: &reqwest::Error) -> String {
+    // reqwest's Display omits the cause ("error sending request"); the chain says why.
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    truncate(&text)
+}
+
+fn truncate(text: &str) -> String {
+    let mut cut: String = text.chars().take(MAX_MESSAGE_CHARS).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    cut
+}
+
+fn describe_members(queries: &[&CubeQuery]) -> String {
+    let mut members: Vec<&str> = queries
+        .iter()
+        .flat_map(|q| q.measures.iter().chain(&q.dimensions).map(String::as_str))
+        .collect();
+    members.sort_unstable();
+    members.dedup();
+    members.join(",")
+}
+
+fn describe_date_ranges(queries: &[&CubeQuery]) -> String {
+    let mut ranges: Vec<String> = queries
+        .iter()
+        .flat_map(|q| &q.time_dimensions)
+        .filter_map(|td| td.date_range.as_ref())
+        .map(|[from, to]| format!("{from}..{to}"))
+        .collect();
+    ranges.sort_unstable();
+    ranges.dedup();
+    ranges.join(",")
+}

@@ -1,0 +1,9 @@
+//! The BI platform: the Cube REST protocol types and the HTTP client that speaks it.
+//!
+//! Architecture invariant: this module knows nothing of GraphQL, caching or Redis.
+//! It turns Cube queries into rows, or into a [`BiError`].
+
+pub mod client;
+pub mod protocol;
+
+pub use client::{BiClient, BiError, BiSettings};

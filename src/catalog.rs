@@ -1,0 +1,154 @@
+//! What the BI can answer: its cubes, measures and dimensions from `GET /meta`.
+//!
+//! The catalog is fetched in the background and kept fresh; until it is known,
+//! queries are validated by shape only and the BI has the last word.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::bi::BiClient;
+use crate::bi::protocol::MetaResponse;
+use crate::query::{InputError, Member};
+
+/// A snapshot of the BI's `/meta`.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    meta: MetaResponse,
+    measures: BTreeSet<String>,
+    dimensions: BTreeSet<String>,
+}
+
+impl Catalog {
+    pub fn new(meta: MetaResponse) -> Catalog {
+        let measures = meta
+            .cubes
+            .iter()
+            .flat_map(|cube| cube.measures.iter().map(|m| m.name.clone()))
+            .collect();
+        let dimensions = meta
+            .cubes
+            .iter()
+            .flat_map(|cube| cube.dimensions.iter().map(|d| d.name.clone()))
+            .collect();
+        Catalog {
+            meta,
+            measures,
+            dimensions,
+        }
+    }
+
+    pub fn meta(&self) -> &MetaResponse {
+        &self.meta
+    }
+
+    pub fn check_measure(&self, member: &Member) -> Result<(), InputError> {
+        check(member, "measures", "measure", &self.measures)
+    }
+
+    pub fn check_dimension(&self, member: &Member) -> Result<(), InputError> {
+        check(member, "dimensions", "dimension", &self.dimensions)
+    }
+}
+
+fn check(
+    member: &Member,
+    field: &'static str,
+    kind: &'static str,
+    known: &BTreeSet<String>,
+) -> Result<(), InputError> {
+    if known.contains(member.as_str()) {
+        return Ok(());
+    }
+    // Point at the members of the same cube: the likeliest intended ones.
+    let cube = member.as_str().split('.').next().unwrap_or_default();
+    let same_cube: Vec<&str> = known
+        .iter()
+        .filter(|name| name.split('.').next() == Some(cube))
+        .map(String::as_str)
+        .take(12)
+        .collect();
+    let hint = if same_cube.is_empty() {
+        "; the `catalog` query lists what the BI offers".to_owned()
+    } else {
+        format!("; {cube} has: {}", same_cube.join(", "))
+    };
+    Err(InputError::UnknownMember {
+        field,
+        value: member.as_str().to_owned(),
+        kind,
+        hint,
+    })
+}
+
+/// The current catalog, shared by all requests and refreshed by one task.
+#[derive(Debug, Default)]
+pub struct CatalogStore {
+    current: RwLock<Option<Arc<Catalog>>>,
+}
+
+impl CatalogStore {
+    pub fn get(&self) -> Option<Arc<Catalog>> {
+        self.current.read().ok().and_then(|guard| guard.clone())
+    }
+
+    fn set(&self, catalog: Catalog) {
+        if let Ok(mut guard) = self.current.write() {
+            *guard = Some(Arc::new(catalog));
+        }
+    }
+
+    /// Fetches `/meta` now and then every `every`; after a failure, again soon.
+    pub async fn refresh_forever(self: Arc<Self>, bi: BiClient, every: Duration) {
+        const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+        loop {
+            let pause = match bi.meta().await {
+                Ok(meta) => {
+                    self.set(Catalog::new(meta));
+                    every
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not fetch the BI catalog; members are checked by shape only");
+                    RETRY_AFTER_FAILURE.min(every)
+                }
+            };
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bi::protocol::{MetaCube, MetaMember};
+
+    fn member(name: &str) -> MetaMember {
+        MetaMember {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn known_members_pass_and_unknown_ones_name_the_alternatives() {
+        let catalog = Catalog::new(MetaResponse {
+            cubes: vec![MetaCube {
+                name: "Sales".into(),
+                title: None,
+                measures: vec![member("Sales.revenue")],
+                dimensions: vec![member("Sales.region")],
+            }],
+        });
+        let parse = |s| Member::parse(s).expect("well-formed");
+        assert!(catalog.check_measure(&parse("Sales.revenue")).is_ok());
+        assert!(catalog.check_dimension(&parse("Sales.region")).is_ok());
+        let err = catalog
+            .check_measure(&parse("Sales.region"))
+            .expect_err("a dimension is not a measure");
+        assert!(
+            err.to_string().contains("Sales has: Sales.revenue"),
+            "{err}"
+        );
+        assert!(catalog.check_dimension(&parse("Other.x")).is_err());
+    }
+}

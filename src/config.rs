@@ -1,0 +1,497 @@
+//! Configuration, in two stages: [`Cli`] is what the operator typed (flags and
+//! environment variables, parsed by clap), [`Config`] is what the gateway runs
+//! with (validated, with enums instead of options). Nothing else reads the
+//! environment.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Every setting is a flag and an environment variable; `--help` lists them.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "analytics-gateway", version, about)]
+pub struct Cli {
+    /// Address the gateway listens on.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:4000")]
+    pub listen: String,
+
+    /// `redis://` or `rediss://` URL of the shared cache; unset means embedded
+    /// single-instance mode (in-process cache and coalescing).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Base URL of a Cube-compatible REST API, ending in `/v1`; unset means the
+    /// built-in simulated BI.
+    #[arg(long, env = "BI_URL")]
+    pub bi_url: Option<String>,
+
+    /// Sent verbatim as the `Authorization` header on every BI request.
+    #[arg(long, env = "BI_TOKEN", hide_env_values = true)]
+    pub bi_token: Option<String>,
+
+    /// The BI dimension that the `customer` argument filters on.
+    #[arg(long, env = "BI_CUSTOMER_MEMBER", default_value = "Sales.customerId")]
+    pub bi_customer_member: String,
+
+    /// The BI time dimension that `dateRange` and `granularity` apply to.
+    #[arg(long, env = "BI_TIME_DIMENSION", default_value = "Sales.date")]
+    pub bi_time_dimension: String,
+
+    /// Deadline of one BI call, Continue-wait rounds and 429 waits included.
+    #[arg(long, env = "BI_TIMEOUT_SECS", default_value_t = 30)]
+    pub bi_timeout_secs: u64,
+
+    /// Row limit set on every BI query (real Cube cuts silently at 10,000 without one; at most 50,000).
+    #[arg(long, env = "BI_ROW_LIMIT", default_value_t = 10_000)]
+    pub bi_row_limit: u32,
+
+    /// Most queries sent in one multi-query BI request.
+    #[arg(long, env = "BI_MAX_BATCH_SIZE", default_value_t = 50)]
+    pub bi_max_batch_size: usize,
+
+    /// Pooled BI connections idle longer than this are closed (Cube closes them after 5 s).
+    #[arg(long, env = "BI_POOL_IDLE_TIMEOUT_MS", default_value_t = 4_000)]
+    pub bi_pool_idle_timeout_ms: u64,
+
+    /// Pause before re-sending a request the BI answered with "Continue wait".
+    #[arg(long, env = "BI_CONTINUE_WAIT_DELAY_MS", default_value_t = 100)]
+    pub bi_continue_wait_delay_ms: u64,
+
+    /// Latency of the built-in simulated BI (used only when `BI_URL` is unset).
+    #[arg(long, env = "BI_SIM_LATENCY_MS", default_value_t = 2_000)]
+    pub bi_sim_latency_ms: u64,
+
+    /// How long a BI result stays fresh in the cache.
+    #[arg(long, env = "CACHE_TTL_SECS", default_value_t = 300)]
+    pub cache_ttl_secs: u64,
+
+    /// How long a failed BI answer is remembered, so waiters share it and the BI is not hammered.
+    #[arg(long, env = "NEGATIVE_CACHE_SECS", default_value_t = 5)]
+    pub negative_cache_secs: u64,
+
+    /// Size bound of the in-process cache, in MiB of row JSON.
+    #[arg(long, env = "MEMORY_CACHE_MAX_MB", default_value_t = 256)]
+    pub memory_cache_max_mb: u64,
+
+    /// Prefix of every cache key; tests use a random one to share one Redis.
+    #[arg(long, env = "CACHE_NAMESPACE", default_value = "ag")]
+    pub cache_namespace: String,
+
+    /// Lifetime of a Redis leader lock; the leader renews it while its BI call runs,
+    /// so this is how soon a dead leader is noticed.
+    #[arg(long, env = "REDIS_LOCK_TTL_MS", default_value_t = 3_000)]
+    pub redis_lock_ttl_ms: u64,
+
+    /// Timeout of one Redis command; past it the gateway treats Redis as down.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_timeout_ms: u64,
+
+    /// Whether the gateway may turn on keyspace notifications with CONFIG SET
+    /// (managed Redis often forbids it; then waiters poll).
+    #[arg(long, env = "REDIS_CONFIGURE_NOTIFICATIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redis_configure_notifications: bool,
+
+    /// Whether Redis-backed hits may be served from a bounded copy in process
+    /// memory (each kept no longer than its entry's own expiry).
+    #[arg(long, env = "REDIS_LOCAL_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub redis_local_cache: bool,
+
+    /// How long one GraphQL request may wait for its answers before it gets `BI_UNAVAILABLE`.
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 40)]
+    pub request_timeout_secs: u64,
+
+    /// Longest `dateRange` accepted, in days (both ends included).
+    #[arg(long, env = "MAX_DATE_RANGE_DAYS", default_value_t = 731)]
+    pub max_date_range_days: u32,
+
+    /// Most measures in one `aggregate`.
+    #[arg(long, env = "MAX_MEASURES", default_value_t = 20)]
+    pub max_measures: usize,
+
+    /// Most dimensions in one `aggregate`.
+    #[arg(long, env = "MAX_DIMENSIONS", default_value_t = 10)]
+    pub max_dimensions: usize,
+
+    /// Longest `customer` accepted, in characters.
+    #[arg(long, env = "MAX_CUSTOMER_LEN", default_value_t = 128)]
+    pub max_customer_len: usize,
+
+    /// Deepest GraphQL document accepted.
+    #[arg(long, env = "GRAPHQL_MAX_DEPTH", default_value_t = 12)]
+    pub graphql_max_depth: usize,
+
+    /// Highest GraphQL complexity accepted (each field counts 1).
+    #[arg(long, env = "GRAPHQL_MAX_COMPLEXITY", default_value_t = 1_000)]
+    pub graphql_max_complexity: usize,
+
+    /// Largest request body accepted, in bytes; larger ones get HTTP 413.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// How often the BI's catalog (`/meta`) is fetched again.
+    #[arg(long, env = "CATALOG_REFRESH_SECS", default_value_t = 300)]
+    pub catalog_refresh_secs: u64,
+
+    /// Name of this instance in cache entries, logs and traces; defaults to a random id.
+    #[arg(long, env = "INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// OTLP endpoint for trace export; unset means no export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// Service name in exported traces.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "analytics-gateway")]
+    pub otel_service_name: String,
+
+    /// Log filter, in `tracing` EnvFilter syntax.
+    #[arg(long = "log", env = "RUST_LOG", default_value = "info")]
+    pub rust_log: String,
+
+    /// Log line format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A setting that cannot be used, named by its environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+fn bad(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+/// The resolved configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub bi: BiTarget,
+    pub bi_client: BiClientSettings,
+    pub coordination: Coordination,
+    pub query: QueryLimits,
+    pub planner: PlannerSettings,
+    pub cache: CacheSettings,
+    pub graphql: GraphqlLimits,
+    pub request_timeout: Duration,
+    pub catalog_refresh: Duration,
+    pub instance_id: String,
+    pub telemetry: TelemetrySettings,
+}
+
+/// Where the BI is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BiTarget {
+    /// The built-in simulator, started inside the process on a loopback port.
+    Embedded { latency: Duration },
+    /// A Cube-compatible REST API; the URL has no trailing slash.
+    Remote { base_url: String },
+}
+
+/// How the BI client behaves, whatever the target.
+#[derive(Debug, Clone)]
+pub struct BiClientSettings {
+    pub token: Option<String>,
+    pub timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub continue_wait_delay: Duration,
+    pub max_batch_size: usize,
+}
+
+/// Who coordinates BI calls between requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coordination {
+    /// One process: an in-process cache and in-process single-flight.
+    InProcess,
+    /// Many processes sharing a Redis.
+    Redis(RedisOptions),
+}
+
+/// How the gateway uses Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisOptions {
+    pub url: String,
+    pub lock_ttl: Duration,
+    pub command_timeout: Duration,
+    pub configure_notifications: bool,
+    pub local_cache: bool,
+}
+
+/// Limits applied when a GraphQL input becomes an [`crate::query::AggregateQuery`].
+#[derive(Debug, Clone)]
+pub struct QueryLimits {
+    pub max_range_days: u32,
+    pub max_measures: usize,
+    pub max_dimensions: usize,
+    pub max_customer_len: usize,
+}
+
+/// What turns a validated query into a BI query; all of it is part of the cache key.
+#[derive(Debug, Clone)]
+pub struct PlannerSettings {
+    pub customer_member: String,
+    pub time_dimension: String,
+    pub row_limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub ttl: Duration,
+    pub negative_ttl: Duration,
+    pub memory_max_bytes: u64,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GraphqlLimits {
+    pub max_depth: usize,
+    pub max_complexity: usize,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+}
+
+/// Cube drops rows past this limit whatever the query asks.
+const CUBE_MAX_ROW_LIMIT: u32 = 50_000;
+
+impl Config {
+    /// Parses the process's flags and environment. On a bad setting this prints
+    /// one line naming the variable and exits with status 2.
+    pub fn from_env_or_exit() -> Config {
+        let cli = match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(err) => match err.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    err.exit()
+                }
+                _ => {
+                    let text = err.to_string();
+                    eprintln!("{}", text.lines().next().unwrap_or("invalid configuration"));
+                    std::process::exit(2);
+                }
+            },
+        };
+        match Config::from_cli(cli) {
+            Ok(config) => config,
+            Err(err) => {
+                eprintln!("error: {err}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    pub fn from_cli(cli: Cli) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = cli.listen.parse().map_err(|_| {
+            bad(
+                "GATEWAY_LISTEN",
+                format!("`{}` is not an address like 127.0.0.1:4000", cli.listen),
+            )
+        })?;
+        let bi = match cli.bi_url.as_deref().map(str::trim) {
+            None | Some("") => BiTarget::Embedded {
+                latency: Duration::from_millis(cli.bi_sim_latency_ms),
+            },
+            Some(url) => BiTarget::Remote {
+                base_url: parse_bi_url(url)?,
+            },
+        };
+        let coordination = match cli.redis_url.as_deref().map(str::trim) {
+            None | Some("") => Coordination::InProcess,
+            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                Coordination::Redis(RedisOptions {
+                    url: url.to_owned(),
+                    lock_ttl: Duration::from_millis(cli.redis_lock_ttl_ms),
+                    command_timeout: Duration::from_millis(cli.redis_timeout_ms),
+                    configure_notifications: cli.redis_configure_notifications,
+                    local_cache: cli.redis_local_cache,
+                })
+            }
+            Some(_) => return Err(bad("REDIS_URL", "must start with redis:// or rediss://")),
+        };
+        for (variable, member) in [
+            ("BI_CUSTOMER_MEMBER", &cli.bi_customer_member),
+            ("BI_TIME_DIMENSION", &cli.bi_time_dimension),
+        ] {
+            if crate::query::Member::parse(member).is_none() {
+                return Err(bad(
+                    variable,
+                    format!("`{member}` is not a Cube member like Sales.customerId"),
+                ));
+            }
+        }
+        positive("BI_TIMEOUT_SECS", cli.bi_timeout_secs)?;
+        positive("CACHE_TTL_SECS", cli.cache_ttl_secs)?;
+        if cli.redis_lock_ttl_ms < 100 {
+            return Err(bad("REDIS_LOCK_TTL_MS", "must be at least 100"));
+        }
+        positive("REDIS_TIMEOUT_MS", cli.redis_timeout_ms)?;
+        positive("REQUEST_TIMEOUT_SECS", cli.request_timeout_secs)?;
+        positive("MAX_DATE_RANGE_DAYS", u64::from(cli.max_date_range_days))?;
+        positive("MAX_MEASURES", cli.max_measures as u64)?;
+        positive("BI_MAX_BATCH_SIZE", cli.bi_max_batch_size as u64)?;
+        positive("MEMORY_CACHE_MAX_MB", cli.memory_cache_max_mb)?;
+        positive("MAX_CUSTOMER_LEN", cli.max_customer_len as u64)?;
+        positive("MAX_BODY_BYTES", cli.max_body_bytes as u64)?;
+        positive("CATALOG_REFRESH_SECS", cli.catalog_refresh_secs)?;
+        if !(1..=CUBE_MAX_ROW_LIMIT).contains(&cli.bi_row_limit) {
+            return Err(bad(
+                "BI_ROW_LIMIT",
+                format!("must be between 1 and {CUBE_MAX_ROW_LIMIT} (Cube's own maximum)"),
+            ));
+        }
+        let namespace = cli.cache_namespace.trim();
+        if namespace.is_empty()
+            || !namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(bad(
+                "CACHE_NAMESPACE",
+                "must be non-empty ASCII letters, digits, '-', '_' or '.'",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&cli.rust_log)
+            .map_err(|err| bad("RUST_LOG", err.to_string()))?;
+
+        Ok(Config {
+            listen,
+            bi,
+            bi_client: BiClientSettings {
+                token: cli.bi_token.filter(|t| !t.is_empty()),
+                timeout: Duration::from_secs(cli.bi_timeout_secs),
+                pool_idle_timeout: Duration::from_millis(cli.bi_pool_idle_timeout_ms),
+                continue_wait_delay: Duration::from_millis(cli.bi_continue_wait_delay_ms),
+                max_batch_size: cli.bi_max_batch_size,
+            },
+            coordination,
+            query: QueryLimits {
+                max_range_days: cli.max_date_range_days,
+                max_measures: cli.max_measures,
+                max_dimensions: cli.max_dimensions,
+                max_customer_len: cli.max_customer_len,
+            },
+            planner: PlannerSettings {
+                customer_member: cli.bi_customer_member,
+                time_dimension: cli.bi_time_dimension,
+                row_limit: cli.bi_row_limit,
+            },
+            cache: CacheSettings {
+                ttl: Duration::from_secs(cli.cache_ttl_secs),
+                negative_ttl: Duration::from_secs(cli.negative_cache_secs),
+                memory_max_bytes: cli.memory_cache_max_mb.saturating_mul(1024 * 1024),
+                namespace: namespace.to_owned(),
+            },
+            graphql: GraphqlLimits {
+                max_depth: cli.graphql_max_depth,
+                max_complexity: cli.graphql_max_complexity,
+                max_body_bytes: cli.max_body_bytes,
+            },
+            request_timeout: Duration::from_secs(cli.request_timeout_secs),
+            catalog_refresh: Duration::from_secs(cli.catalog_refresh_secs),
+            instance_id: cli
+                .instance_id
+                .filter(|id| !id.trim().is_empty())
+                .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()),
+            telemetry: TelemetrySettings {
+                log_filter: cli.rust_log,
+                log_format: cli.log_format,
+                otlp_endpoint: cli.otel_exporter_otlp_endpoint.filter(|e| !e.is_empty()),
+                service_name: cli.otel_service_name,
+            },
+        })
+    }
+
+    /// The configuration of `cargo run` with no environment: what tests start from.
+    pub fn embedded_defaults() -> Config {
+        Config::from_cli(Cli::parse_from(["analytics-gateway"]))
+            .expect("the built-in defaults are valid")
+    }
+}
+
+fn positive(variable: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(bad(variable, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_bi_url(url: &str) -> Result<String, ConfigError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|err| bad("BI_URL", format!("`{url}` is not a URL: {err}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(bad(
+            "BI_URL",
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["analytics-gateway"];
+        argv.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(argv).expect("flags parse"))
+    }
+
+    #[test]
+    fn defaults_are_embedded_single_instance() {
+        let config = Config::embedded_defaults();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(config.coordination, Coordination::InProcess);
+        assert!(matches!(config.bi, BiTarget::Embedded { .. }));
+        assert_eq!(config.cache.ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_settings_name_their_variable() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--listen", "nowhere"], "GATEWAY_LISTEN"),
+            (&["--redis-url", "http://x"], "REDIS_URL"),
+            (&["--bi-url", "not a url"], "BI_URL"),
+            (&["--bi-url", "ftp://cube/v1"], "BI_URL"),
+            (&["--cache-ttl-secs", "0"], "CACHE_TTL_SECS"),
+            (&["--bi-row-limit", "60000"], "BI_ROW_LIMIT"),
+            (&["--bi-customer-member", "customer"], "BI_CUSTOMER_MEMBER"),
+            (&["--cache-namespace", "a b"], "CACHE_NAMESPACE"),
+        ];
+        for (args, variable) in cases {
+            let err = parse(args).expect_err("must be rejected");
+            assert_eq!(err.variable, *variable, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn bi_url_loses_its_trailing_slash() {
+        let config = parse(&["--bi-url", "http://cube:4000/cubejs-api/v1/"]).expect("valid");
+        assert_eq!(
+            config.bi,
+            BiTarget::Remote {
+                base_url: "http://cube:4000/cubejs-api/v1".into()
+            }
+        );
+    }
+}

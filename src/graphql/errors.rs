@@ -1,0 +1,102 @@
+//! Every error a client can see, mapped to `extensions.code` in one place.
+
+use async_graphql::ErrorExtensions;
+
+use crate::cache::{AnswerError, AnswerErrorKind};
+use crate::query::InputError;
+
+/// The codes of the contract, plus those for documents refused before execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadUserInput,
+    BiError,
+    BiUnavailable,
+    RateLimited,
+    InternalServerError,
+    GraphqlParseFailed,
+    GraphqlValidationFailed,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadUserInput => "BAD_USER_INPUT",
+            ErrorCode::BiError => "BI_ERROR",
+            ErrorCode::BiUnavailable => "BI_UNAVAILABLE",
+            ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::InternalServerError => "INTERNAL_SERVER_ERROR",
+            ErrorCode::GraphqlParseFailed => "GRAPHQL_PARSE_FAILED",
+            ErrorCode::GraphqlValidationFailed => "GRAPHQL_VALIDATION_FAILED",
+        }
+    }
+}
+
+/// Errors of the `aggregate` and `catalog` resolvers.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolverError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Answer(#[from] AnswerError),
+}
+
+impl ErrorExtensions for ResolverError {
+    fn extend(&self) -> async_graphql::Error {
+        let (code, message, retry_after) = match self {
+            ResolverError::Input(input) => (ErrorCode::BadUserInput, input.to_string(), None),
+            ResolverError::Answer(answer) => {
+                let code = match answer.kind {
+                    AnswerErrorKind::BiError => ErrorCode::BiError,
+                    AnswerErrorKind::BiUnavailable => ErrorCode::BiUnavailable,
+                    AnswerErrorKind::RateLimited => ErrorCode::RateLimited,
+                    AnswerErrorKind::Internal => ErrorCode::InternalServerError,
+                };
+                let message = match answer.kind {
+                    // Details of our own failures are for the log, not the client.
+                    AnswerErrorKind::Internal => {
+                        tracing::error!(error = %answer.message, "internal error");
+                        "internal error; see the gateway's log".to_owned()
+                    }
+                    _ => answer.message.clone(),
+                };
+                (code, message, answer.retry_after_secs)
+            }
+        };
+        async_graphql::Error::new(message).extend_with(|_, extensions| {
+            extensions.set("code", code.as_str());
+            if let Some(secs) = retry_after {
+                extensions.set("retryAfter", secs);
+            }
+        })
+    }
+}
+
+/// Gives a code to the errors async-graphql produces itself (parsing,
+/// validation, coercion of arguments and variables), which have none.
+pub fn classify_request_errors(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        let has_code = error
+            .extensions
+            .as_ref()
+            .is_some_and(|extensions| extensions.get("code").is_some());
+        if has_code {
+            continue;
+        }
+        let message = error.message.as_str();
+        let code = if message.starts_with("Failed to parse")
+            || message.starts_with("Invalid value for argument")
+            || message.contains("Variable \"")
+            || message.contains("variable")
+        {
+            ErrorCode::BadUserInput
+        } else if message.contains(" --> ") || message.starts_with("Parse error") {
+            ErrorCode::GraphqlParseFailed
+        } else {
+            ErrorCode::GraphqlValidationFailed
+        };
+        error
+            .extensions
+            .get_or_insert_with(Default::default)
+            .set("code", code.as_str());
+    }
+}

@@ -1,0 +1,234 @@
+//! The served schema. `schema.graphql` at the repo root is its SDL.
+
+use std::sync::Arc;
+
+use async_graphql::dataloader::DataLoader;
+use async_graphql::{
+    Context, EmptyMutation, EmptySubscription, ErrorExtensions, InputObject, Json, Object, Schema,
+    SimpleObject,
+};
+
+use super::errors::ResolverError;
+use super::loader::AggregateLoader;
+use crate::aggregate::{Aggregator, Answer, CacheStatus};
+use crate::bi::BiClient;
+use crate::bi::protocol::{MetaMember, Row};
+use crate::cache::{AnswerError, unix_millis};
+use crate::catalog::{Catalog, CatalogStore};
+use crate::config::{GraphqlLimits, QueryLimits};
+use crate::query::{AggregateQuery, Granularity, Planner, RawAggregate};
+
+pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
+
+/// What resolvers need, shared by all requests.
+pub struct SchemaContext {
+    pub aggregator: Arc<Aggregator>,
+    pub planner: Planner,
+    pub limits: QueryLimits,
+    pub catalog: Arc<CatalogStore>,
+    pub bi: BiClient,
+}
+
+pub fn build_schema(context: SchemaContext, limits: &GraphqlLimits) -> GatewaySchema {
+    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
+        .data(context)
+        .limit_depth(limits.max_depth)
+        .limit_complexity(limits.max_complexity)
+        .finish()
+}
+
+/// The SDL of the served schema, for `schema.graphql`.
+pub fn schema_sdl() -> String {
+    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
+        .finish()
+        .sdl()
+}
+
+pub struct QueryRoot;
+
+/// One panel's question.
+#[derive(Debug, InputObject)]
+pub struct AggregateInput {
+    /// The customer (tenant) whose data is asked for.
+    customer: String,
+    date_range: DateRangeInput,
+    /// Measures like `Sales.revenue`; at least one.
+    measures: Vec<String>,
+    /// Dimensions like `Sales.region` to group by.
+    dimensions: Option<Vec<String>>,
+    /// Time buckets; absent means totals over the whole range.
+    granularity: Option<Granularity>,
+}
+
+/// Both ends included, as `YYYY-MM-DD`.
+#[derive(Debug, InputObject)]
+pub struct DateRangeInput {
+    from: String,
+    to: String,
+}
+
+#[Object]
+impl QueryRoot {
+    /// Aggregates of measures over a date range for one customer. Several
+    /// `aggregate` fields in one document are fetched together.
+    async fn aggregate(
+        &self,
+        ctx: &Context<'_>,
+        input: AggregateInput,
+    ) -> async_graphql::Result<AggregateResult> {
+        let shared = ctx.data::<SchemaContext>()?;
+        let catalog = shared.catalog.get();
+        let query = AggregateQuery::parse(
+            RawAggregate {
+                customer: &input.customer,
+                from: &input.date_range.from,
+                to: &input.date_range.to,
+                measures: &input.measures,
+                dimensions: input.dimensions.as_deref().unwrap_or_default(),
+                granularity: input.granularity,
+            },
+            &shared.limits,
+            catalog.as_deref(),
+        )
+        .map_err(|err| ResolverError::from(err).extend())?;
+        let planned = shared.planner.plan(&query);
+
+        // Answers already in process memory skip the dataloader's batch window.
+        let answer = match shared.aggregator.peek(&planned) {
+            Some(answer) => answer,
+            None => {
+                let loader = ctx.data::<DataLoader<AggregateLoader>>()?;
+                let loaded = loader.load_one(planned.clone()).await;
+                match loaded {
+                    Ok(Some(answer)) => answer,
+                    Ok(None) => Err(AnswerError::internal("the dataloader lost a key")),
+                    Err(never) => match never {},
+                }
+            }
+        };
+        let answer = answer.map_err(|err| ResolverError::from(err).extend())?;
+        Ok(AggregateResult {
+            answer,
+            key: planned.key.short().to_owned(),
+        })
+    }
+
+    /// The cubes, measures and dimensions the BI offers: what `aggregate` can ask for.
+    async fn catalog(&self, ctx: &Context<'_>) -> async_graphql::Result<CatalogView> {
+        let shared = ctx.data::<SchemaContext>()?;
+        let catalog = match shared.catalog.get() {
+            Some(catalog) => catalog,
+            None => {
+                let meta = shared
+                    .bi
+                    .meta()
+                    .await
+                    .map_err(|err| ResolverError::Answer(AnswerError::from(&err)).extend())?;
+                Arc::new(Catalog::new(meta))
+            }
+        };
+        Ok(CatalogView(catalog))
+    }
+}
+
+/// One `aggregate` answer.
+pub struct AggregateResult {
+    answer: Answer,
+    key: String,
+}
+
+#[Object]
+impl AggregateResult {
+    /// The BI's rows for this query, one object per row keyed by member name,
+    /// in the BI's order.
+    async fn rows(&self) -> Vec<Json<&Row>> {
+        self.answer.entry.rows.iter().map(Json).collect()
+    }
+
+    /// Where this answer came from.
+    async fn cache(&self) -> CacheInfo {
+        let entry = &self.answer.entry;
+        let now = unix_millis();
+        CacheInfo {
+            status: self.answer.status,
+            key: self.key.clone(),
+            age_seconds: now.saturating_sub(entry.produced_at_ms) as f64 / 1000.0,
+            expires_in_seconds: entry.expires_at_ms.saturating_sub(now) as f64 / 1000.0,
+            produced_by: entry.producer.clone(),
+            trace_id: entry.trace_id.clone(),
+        }
+    }
+
+    /// Number of rows.
+    async fn row_count(&self) -> usize {
+        self.answer.entry.rows.len()
+    }
+
+    /// True when the BI returned as many rows as the row limit the gateway
+    /// sets: rows past it may have been dropped.
+    async fn may_be_truncated(&self) -> bool {
+        self.answer.entry.may_be_truncated()
+    }
+}
+
+/// Cache facts about one answer.
+#[derive(SimpleObject)]
+pub struct CacheInfo {
+    /// HIT, MISS or COALESCED.
+    status: CacheStatus,
+    /// Short hash of the cache key: equal for requests that share an entry.
+    key: String,
+    /// Seconds since the BI produced the rows.
+    age_seconds: f64,
+    /// Seconds until the entry expires.
+    expires_in_seconds: f64,
+    /// The gateway instance whose BI call produced the rows.
+    produced_by: String,
+    /// Trace id of the BI call that produced the rows, when traces are exported.
+    trace_id: Option<String>,
+}
+
+pub struct CatalogView(Arc<Catalog>);
+
+#[Object(name = "Catalog")]
+impl CatalogView {
+    async fn cubes(&self) -> Vec<CubeView<'_>> {
+        self.0.meta().cubes.iter().map(CubeView).collect()
+    }
+}
+
+pub struct CubeView<'a>(&'a crate::bi::protocol::MetaCube);
+
+#[Object(name = "Cube")]
+impl CubeView<'_> {
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+    async fn title(&self) -> Option<&str> {
+        self.0.title.as_deref()
+    }
+    async fn measures(&self) -> Vec<MemberView<'_>> {
+        self.0.measures.iter().map(MemberView).collect()
+    }
+    async fn dimensions(&self) -> Vec<MemberView<'_>> {
+        self.0.dimensions.iter().map(MemberView).collect()
+    }
+}
+
+pub struct MemberView<'a>(&'a MetaMember);
+
+#[Object(name = "CubeMember")]
+impl MemberView<'_> {
+    /// The name to use in `measures` or `dimensions`, like `Sales.revenue`.
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+    async fn title(&self) -> Option<&str> {
+        self.0.title.as_deref()
+    }
+    /// The BI's type: number, string, time, ...
+    #[graphql(name = "type")]
+    async fn kind(&self) -> Option<&str> {
+        self.0.kind.as_deref()
+    }
+}

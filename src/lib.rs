@@ -1,0 +1,199 @@
+//! analytics-gateway: a GraphQL API for dashboard aggregates that makes each
+//! distinct question reach the BI platform once per cache lifetime.
+//!
+//! # Layout
+//! - [`config`]: flags and environment, resolved once.
+//! - [`query`]: the validated query, its BI form and its cache key.
+//! - [`graphql`]: schema, resolvers, the per-request dataloader, error codes.
+//! - [`aggregate`]: lookups, in-process flights, BI batches: the request flow.
+//! - [`coalesce`]: who produces each key (in-process flights, coordinators).
+//! - [`cache`]: entries, remembered errors, the in-memory store.
+//! - [`bi`]: the Cube protocol and its HTTP client.
+//! - [`catalog`]: the BI's cubes and members, for validation and discovery.
+//! - [`sim`]: the simulated BI, shared by `bi-sim` and the embedded mode.
+//! - [`http`]: routes and middleware. [`telemetry`]: logs and metrics.
+//!
+//! `ARCHITECTURE.md` has the bird's-eye view and the invariants.
+
+pub mod aggregate;
+pub mod bi;
+pub mod cache;
+pub mod catalog;
+pub mod coalesce;
+pub mod config;
+pub mod graphql;
+pub mod http;
+pub mod query;
+pub mod sim;
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::aggregate::{Aggregator, AggregatorSettings};
+use crate::bi::{BiClient, BiError, BiSettings};
+use crate::catalog::CatalogStore;
+use crate::coalesce::{Coordinator, LocalCoordinator, RedisCoordinator, RedisSettings};
+use crate::config::{BiTarget, Config, Coordination};
+use crate::graphql::SchemaContext;
+use crate::query::Planner;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not start the built-in BI simulator: {0}")]
+    Simulator(std::io::Error),
+    #[error("BI client: {0}")]
+    Bi(#[from] BiError),
+    #[error("REDIS_URL: {0}")]
+    Redis(String),
+    #[error("serving HTTP failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Background tasks that must not outlive the gateway.
+struct TaskGuard(Vec<JoinHandle<()>>);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then finishes
+/// the requests in flight and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let mut tasks = TaskGuard(Vec::new());
+
+    let base_url = match &config.bi {
+        BiTarget::Remote { base_url } => base_url.clone(),
+        BiTarget::Embedded { latency } => {
+            let sim_listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(StartError::Simulator)?;
+            let address = sim_listener.local_addr().map_err(StartError::Simulator)?;
+            let simulator = sim::Simulator::new(sim::SimConfig { latency: *latency });
+            tasks.0.push(tokio::spawn(async move {
+                if let Err(err) = sim::serve(sim_listener, simulator, std::future::pending()).await
+                {
+                    tracing::error!(error = %err, "the built-in BI simulator stopped");
+                }
+            }));
+            tracing::info!(
+                latency_ms = latency.as_millis() as u64,
+                "using the built-in simulated BI (set BI_URL for a real one)"
+            );
+            format!("http://{address}/cubejs-api/v1")
+        }
+    };
+    let bi = BiClient::new(BiSettings {
+        base_url: base_url.clone(),
+        token: config.bi_client.token.clone(),
+        timeout: config.bi_client.timeout,
+        pool_idle_timeout: config.bi_client.pool_idle_timeout,
+        continue_wait_delay: config.bi_client.continue_wait_delay,
+    })?;
+
+    let coordinator: Arc<dyn Coordinator> = match &config.coordination {
+        Coordination::InProcess => Arc::new(LocalCoordinator::new(
+            config.cache.memory_max_bytes,
+            config.cache.negative_ttl,
+        )),
+        Coordination::Redis(options) => Arc::new(
+            RedisCoordinator::start(RedisSettings {
+                url: options.url.clone(),
+                namespace: config.cache.namespace.clone(),
+                lock_ttl: options.lock_ttl,
+                command_timeout: options.command_timeout,
+                configure_notifications: options.configure_notifications,
+                local_cache: options.local_cache,
+                memory_max_bytes: config.cache.memory_max_bytes,
+                negative_ttl: config.cache.negative_ttl,
+            })
+            .await
+            .map_err(|err| StartError::Redis(err.to_string()))?,
+        ),
+    };
+
+    let aggregator = Aggregator::new(
+        coordinator,
+        bi.clone(),
+        AggregatorSettings {
+            ttl: config.cache.ttl,
+            max_batch_size: config.bi_client.max_batch_size,
+            produce_timeout: config.request_timeout,
+            instance_id: config.instance_id.clone(),
+            row_limit: config.planner.row_limit,
+        },
+    );
+
+    let catalog = Arc::new(CatalogStore::default());
+    tasks.0.push(tokio::spawn(
+        Arc::clone(&catalog).refresh_forever(bi.clone(), config.catalog_refresh),
+    ));
+
+    let planner = Planner::new(config.planner.clone(), &base_url);
+    let schema = graphql::build_schema(
+        SchemaContext {
+            aggregator: Arc::clone(&aggregator),
+            planner,
+            limits: config.query.clone(),
+            catalog,
+            bi: bi.clone(),
+        },
+        &config.graphql,
+    );
+    let state = http::AppState {
+        schema,
+        aggregator,
+        bi,
+        metrics: telemetry::metrics_handle(),
+        request_timeout: config.request_timeout,
+        instance_id: config.instance_id.as_str().into(),
+    };
+    let app = http::app(state, config.graphql.max_body_bytes);
+
+    if let Ok(address) = listener.local_addr() {
+        tracing::info!(instance = %config.instance_id, "analytics-gateway listening on http://{address}/graphql");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(StartError::Serve)?;
+    drop(tasks);
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,13 @@
+use analytics_gateway::config::Config;
+use anyhow::Context;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env_or_exit();
+    analytics_gateway::telemetry::init_logging(&config.telemetry);
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
+    analytics_gateway::run(config, listener, analytics_gateway::shutdown_signal()).await?;
+    Ok(())
+}

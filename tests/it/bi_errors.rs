@@ -1,0 +1,155 @@
+//! What users see when the BI is slow, failing, unreachable or rate limiting.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::common::{
+    TestEnv, TestOptions, dashboard, error_code, expected_rows, expected_rows_for, input, panel,
+};
+
+const MEASURES: &[&str] = &["Sales.revenue"];
+
+fn body() -> Value {
+    panel(
+        "acme",
+        "2025-02-01",
+        "2025-02-14",
+        MEASURES,
+        &["Sales.region"],
+        Some("DAY"),
+    )
+}
+
+fn rows() -> Value {
+    expected_rows(
+        "acme",
+        "2025-02-01",
+        "2025-02-14",
+        MEASURES,
+        &["Sales.region"],
+        Some("DAY"),
+    )
+}
+
+/// "Continue wait" is a retry state, not an error: after three of them the
+/// fourth BI request brings the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn continue_wait_is_retried_until_data_comes() {
+    let env = TestEnv::start(TestOptions::default().latency_ms(200)).await;
+    env.sim.faults(json!({"continueWait": 3})).await;
+
+    let answer = env.gateway().graphql(&body()).await;
+
+    assert!(answer.get("errors").is_none(), "{answer}");
+    assert_eq!(answer["data"]["aggregate"]["rows"], rows());
+    assert_eq!(answer["data"]["aggregate"]["cache"]["status"], "MISS");
+    let stats = env.sim.stats();
+    assert_eq!((stats.http_requests, stats.queries), (4, 4), "{stats:?}");
+}
+
+/// A BI 500 under 20 concurrent identical requests is one BI query whose
+/// error every request shares as `BI_ERROR`, without the BI's body (which can
+/// hold SQL or secrets); once the negative-cache time has passed, the same
+/// question is asked again and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bi_500_is_shared_hidden_and_forgotten() {
+    const SECRET: &str = "SELECT password_hash FROM internal_users";
+    let env = TestEnv::start(TestOptions::default().env("NEGATIVE_CACHE_SECS", 1)).await;
+    let fault_body = json!({"error": SECRET}).to_string();
+    env.sim
+        .faults(json!({"failNext": {"count": 1, "status": 500, "body": fault_body}}))
+        .await;
+
+    let answers = env.fire(20, &body()).await;
+
+    for answer in &answers {
+        assert_eq!(error_code(answer), Some("BI_ERROR"), "{answer}");
+        assert!(
+            !answer.to_string().contains("password_hash"),
+            "the 500 body leaked: {answer}"
+        );
+    }
+    assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let answer = env.gateway().graphql(&body()).await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+    assert_eq!(answer["data"]["aggregate"]["rows"], rows());
+    assert_eq!(env.sim.stats().queries, 2);
+}
+
+/// When the BI fails a batch, each of its panels is asked again alone, so all
+/// three panels still get their rows: one batch request, then three singles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_batch_is_retried_panel_by_panel() {
+    let env = TestEnv::start(TestOptions::default()).await;
+    env.sim.faults(json!({"failNext": {"count": 1}})).await;
+    let panels: Vec<Value> = ["acme", "globex", "initech"]
+        .iter()
+        .map(|customer| {
+            input(
+                customer,
+                "2025-02-01",
+                "2025-02-07",
+                MEASURES,
+                &[],
+                Some("DAY"),
+            )
+        })
+        .collect();
+
+    let answer = env.gateway().graphql(&dashboard(&panels)).await;
+
+    assert!(answer.get("errors").is_none(), "{answer}");
+    for (i, panel) in panels.iter().enumerate() {
+        assert_eq!(
+            answer["data"][format!("p{i}")]["rows"],
+            expected_rows_for(panel),
+            "p{i}"
+        );
+    }
+    let stats = env.sim.stats();
+    assert_eq!(
+        (stats.http_requests, stats.queries, stats.max_batch_size),
+        (4, 6, 3),
+        "{stats:?}"
+    );
+}
+
+/// A BI nobody listens on is `BI_UNAVAILABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_bi_is_bi_unavailable() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        listener.local_addr().expect("an address")
+    };
+    let env = TestEnv::start(
+        TestOptions::default().env("BI_URL", format!("http://{closed}/cubejs-api/v1")),
+    )
+    .await;
+
+    let answer = env.gateway().graphql(&body()).await;
+
+    assert_eq!(error_code(&answer), Some("BI_UNAVAILABLE"), "{answer}");
+    assert_eq!(answer["data"], Value::Null, "{answer}");
+}
+
+/// A 429 whose Retry-After is past the gateway's deadline is `RATE_LIMITED`,
+/// and tells the client when to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_rate_limit_is_rate_limited_with_retry_after() {
+    let env = TestEnv::start(TestOptions::default().env("BI_TIMEOUT_SECS", 1)).await;
+    env.sim
+        .faults(json!({"rateLimit": {"count": 1, "retryAfterSecs": 30}}))
+        .await;
+
+    let answer = env.gateway().graphql(&body()).await;
+
+    assert_eq!(error_code(&answer), Some("RATE_LIMITED"), "{answer}");
+    assert_eq!(
+        answer["errors"][0]["extensions"]["retryAfter"], 30,
+        "{answer}"
+    );
+    assert_eq!(env.sim.stats().http_requests, 1);
+}

@@ -1,0 +1,595 @@
+//! The one fixture of the integration tests: a simulated BI on loopback and
+//! real gateway processes in front of it, plus helpers that build the
+//! contract's requests and compute the rows the BI must return for them.
+//!
+//! A test reads like the contract: start a [`TestEnv`], send GraphQL, then ask
+//! the [`Sim`] what the gateway really sent to the BI.
+
+// Each area uses its own part of the fixture; the others look unused to it.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use analytics_gateway::config::{Cli, Config};
+use analytics_gateway::query::{AggregateQuery, Granularity, Planner, RawAggregate};
+use analytics_gateway::sim::{self, SimConfig, SimStats, Simulator};
+use clap::CommandFactory;
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// Longest a gateway may take to say it is listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest any single HTTP exchange of a test may take: a bug fails the test
+/// instead of hanging it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The GraphQL document every dashboard client sends, as the contract spells it.
+pub const PANEL_QUERY: &str = "query Panel($input: AggregateInput!) { aggregate(input: $input) { rows cache { status key } } }";
+
+/// Bounds `future` by `limit`, failing the test with `what` when it passes.
+pub async fn within<T>(limit: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
+/// Polls `check` every 50 ms until it holds, failing the test after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    within(limit, what, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .expect("an HTTP client")
+}
+
+/// The simulated BI, served in-process on a loopback port until the test's
+/// runtime ends (or the `Sim` is dropped).
+pub struct Sim {
+    simulator: Simulator,
+    address: std::net::SocketAddr,
+    http: reqwest::Client,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Sim {
+    pub async fn start(latency: Duration) -> Sim {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free loopback port for bi-sim");
+        let address = listener.local_addr().expect("bi-sim's bound address");
+        let simulator = Simulator::new(SimConfig { latency });
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(sim::serve(listener, simulator.clone(), async move {
+            // Either a send or the sender's drop stops the server.
+            let _ = stopped.await;
+        }));
+        Sim {
+            simulator,
+            address,
+            http: http_client(),
+            _stop: stop,
+        }
+    }
+
+    /// The Cube base URL the gateway is given as `BI_URL`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/cubejs-api/v1", self.address)
+    }
+
+    /// What the BI has received so far.
+    pub fn stats(&self) -> SimStats {
+        self.simulator.stats()
+    }
+
+    /// Zeroes the counters and clears the faults.
+    pub async fn reset(&self) {
+        self.control("reset", None).await;
+    }
+
+    /// Injects faults (`POST /_sim/faults`), like `{"continueWait": 3}`.
+    pub async fn faults(&self, faults: Value) {
+        self.control("faults", Some(faults)).await;
+    }
+
+    async fn control(&self, route: &str, body: Option<Value>) {
+        let mut request = self
+            .http
+            .post(format!("http://{}/_sim/{route}", self.address));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = within(REQUEST_TIMEOUT, "bi-sim's control API", request.send())
+            .await
+            .expect("bi-sim answers its control API");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "POST /_sim/{route}: HTTP {status}: {text}"
+        );
+    }
+}
+
+/// Lines a process printed, kept for failure messages.
+type Output = Arc<Mutex<Vec<String>>>;
+
+/// One real gateway process. It is killed when dropped.
+pub struct Gateway {
+    child: Child,
+    address: String,
+    output: Output,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    /// Starts the binary with `env` (on top of a clean gateway environment)
+    /// and waits until it logs the address it listens on.
+    pub async fn start(env: &[(String, String)]) -> Gateway {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_analytics-gateway"));
+        // The developer's shell must not change what a test runs against:
+        // every setting the gateway reads comes from the test alone.
+        for arg in Cli::command().get_arguments() {
+            if let Some(variable) = arg.get_env() {
+                command.env_remove(variable);
+            }
+        }
+        command
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("the gateway binary starts");
+
+        let output: Output = Arc::default();
+        let (lines_tx, mut lines_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        drain(stdout, Arc::clone(&output), Some(lines_tx));
+        drain(stderr, Arc::clone(&output), None);
+
+        let address = tokio::time::timeout(START_TIMEOUT, async {
+            while let Some(line) = lines_rx.recv().await {
+                if let Some(address) = listening_address(&line) {
+                    return Some(address);
+                }
+            }
+            None
+        })
+        .await;
+        let address = match address {
+            Ok(Some(address)) => address,
+            failure => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let why = if failure.is_err() {
+                    format!("it did not log its address within {START_TIMEOUT:?}")
+                } else {
+                    "it exited before logging its address".to_owned()
+                };
+                panic!(
+                    "the gateway did not start: {why}; its output:\n{}",
+                    output_text(&output)
+                );
+            }
+        };
+        Gateway {
+            child,
+            address,
+            output,
+            http: http_client(),
+        }
+    }
+
+    /// `http://ADDR`, without a path.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process printed so far, for failure messages.
+    pub fn output(&self) -> String {
+        output_text(&self.output)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (at most `limit`) for the process to exit by itself.
+    pub async fn wait_for_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(None) => panic!(
+                    "the gateway did not exit within {limit:?}; its output:\n{}",
+                    self.output()
+                ),
+                Err(err) => panic!("cannot wait for the gateway: {err}"),
+            }
+        }
+    }
+
+    /// `POST /graphql` with `body`; the JSON answer, whatever its HTTP status.
+    pub async fn graphql(&self, body: &Value) -> Value {
+        let response = self.post_raw("/graphql", body.to_string()).await;
+        let text = response.text().await.expect("a readable body");
+        serde_json::from_str(&text)
+            .unwrap_or_else(|err| panic!("POST /graphql answered non-JSON ({err}): {text}"))
+    }
+
+    /// `POST path` with a raw body labelled as JSON.
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        let request = self
+            .http
+            .post(format!("{}{path}", self.url()))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        within(REQUEST_TIMEOUT, path, request.send())
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "POST {path} failed: {err}; gateway output:\n{}",
+                    self.output()
+                )
+            })
+    }
+
+    /// `GET path` (with a query string if any).
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.get_with(path, &[]).await
+    }
+
+    /// `GET path` with extra request headers.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = self.http.get(format!("{}{path}", self.url()));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        within(REQUEST_TIMEOUT, path, request.send())
+            .await
+            .unwrap_or_else(|err| {
+                panic!(
+                    "GET {path} failed: {err}; gateway output:\n{}",
+                    self.output()
+                )
+            })
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Copies a process's output into `output` on a thread of its own (so the
+/// pipe never fills up), forwarding lines to `lines` while anyone listens.
+fn drain(
+    stream: impl Read + Send + 'static,
+    output: Output,
+    lines: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if let Some(lines) = &lines {
+                let _ = lines.send(line.clone());
+            }
+            output
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(line);
+        }
+    });
+}
+
+fn output_text(output: &Output) -> String {
+    output
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .join("\n")
+}
+
+/// `ADDR` from the gateway's `... listening on http://ADDR/graphql` log line.
+fn listening_address(line: &str) -> Option<String> {
+    let rest = line.split("listening on http://").nth(1)?;
+    let (address, _) = rest.split_once("/graphql")?;
+    Some(address.to_owned())
+}
+
+/// How to start a [`TestEnv`].
+#[derive(Debug, Clone)]
+pub struct TestOptions {
+    /// Gateway processes, all in front of the same bi-sim.
+    pub instances: usize,
+    /// bi-sim's latency for every `/load`.
+    pub latency_ms: u64,
+    /// More gateway environment, applied last: it can override `BI_URL` too.
+    pub extra_env: Vec<(String, String)>,
+    /// Sets `REDIS_URL` (tests take it from `TEST_REDIS_URL`).
+    pub redis_url: Option<String>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        TestOptions {
+            instances: 1,
+            latency_ms: 300,
+            extra_env: Vec::new(),
+            redis_url: None,
+        }
+    }
+}
+
+impl TestOptions {
+    pub fn latency_ms(mut self, latency_ms: u64) -> Self {
+        self.latency_ms = latency_ms;
+        self
+    }
+
+    pub fn env(mut self, name: &str, value: impl ToString) -> Self {
+        self.extra_env.push((name.to_owned(), value.to_string()));
+        self
+    }
+}
+
+/// One bi-sim and the gateways in front of it. All instances share one
+/// random `CACHE_NAMESPACE`, so tests can share one Redis without meeting.
+pub struct TestEnv {
+    pub sim: Sim,
+    pub gateways: Vec<Gateway>,
+    pub namespace: String,
+}
+
+impl TestEnv {
+    pub async fn start(options: TestOptions) -> TestEnv {
+        let sim = Sim::start(Duration::from_millis(options.latency_ms)).await;
+        let namespace = format!("it-{}", uuid::Uuid::new_v4().simple());
+        let mut env = vec![
+            ("GATEWAY_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            ("BI_URL".to_owned(), sim.base_url()),
+            ("CACHE_NAMESPACE".to_owned(), namespace.clone()),
+            ("RUST_LOG".to_owned(), "info".to_owned()),
+        ];
+        if let Some(url) = &options.redis_url {
+            env.push(("REDIS_URL".to_owned(), url.clone()));
+        }
+        env.extend(options.extra_env.iter().cloned());
+        let mut gateways = Vec::with_capacity(options.instances);
+        for _ in 0..options.instances.max(1) {
+            gateways.push(Gateway::start(&env).await);
+        }
+        TestEnv {
+            sim,
+            gateways,
+            namespace,
+        }
+    }
+
+    /// The first (often the only) gateway.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateways[0]
+    }
+
+    /// Sends `body` `n` times at once, spread round-robin over the instances;
+    /// the answers come back in sending order.
+    pub async fn fire(&self, n: usize, body: &Value) -> Vec<Value> {
+        let bodies = vec![body.clone(); n];
+        self.fire_all(&bodies).await
+    }
+
+    /// Sends every body at once, spread round-robin over the instances.
+    pub async fn fire_all(&self, bodies: &[Value]) -> Vec<Value> {
+        let requests = bodies.iter().enumerate().map(|(i, body)| {
+            let gateway = &self.gateways[i % self.gateways.len()];
+            gateway.graphql(body)
+        });
+        within(
+            REQUEST_TIMEOUT,
+            "concurrent GraphQL answers",
+            join_all(requests),
+        )
+        .await
+    }
+
+    /// Waits until the gateway validates members against the BI's catalog:
+    /// a `catalog` query that the gateway answers without asking the BI's
+    /// `/meta` proves its catalog store is filled.
+    pub async fn wait_for_catalog(&self) {
+        let body = json!({"query": "{ catalog { cubes { name } } }"});
+        for gateway in &self.gateways {
+            wait_until(Duration::from_secs(20), "the catalog to load", || async {
+                let before = self.sim.stats().meta_requests;
+                let answer = gateway.graphql(&body).await;
+                assert_eq!(
+                    answer["data"]["catalog"]["cubes"][0]["name"], "Sales",
+                    "{answer}"
+                );
+                self.sim.stats().meta_requests == before
+            })
+            .await;
+        }
+    }
+}
+
+/// The `input` variable of one panel, as the contract shapes it.
+pub fn input(
+    customer: &str,
+    from: &str,
+    to: &str,
+    measures: &[&str],
+    dimensions: &[&str],
+    granularity: Option<&str>,
+) -> Value {
+    let mut input = json!({
+        "customer": customer,
+        "dateRange": {"from": from, "to": to},
+        "measures": measures,
+        "dimensions": dimensions,
+    });
+    if let Some(granularity) = granularity {
+        input["granularity"] = json!(granularity);
+    }
+    input
+}
+
+/// The contract's `Panel` request for one panel.
+pub fn panel(
+    customer: &str,
+    from: &str,
+    to: &str,
+    measures: &[&str],
+    dimensions: &[&str],
+    granularity: Option<&str>,
+) -> Value {
+    panel_body(input(customer, from, to, measures, dimensions, granularity))
+}
+
+/// The contract's `Panel` request for an `input` variable built by hand.
+pub fn panel_body(input: Value) -> Value {
+    json!({"query": PANEL_QUERY, "variables": {"input": input}})
+}
+
+/// One document with an aliased `aggregate` field per input (`p0`, `p1`, ...).
+pub fn dashboard(inputs: &[Value]) -> Value {
+    let params: Vec<String> = (0..inputs.len())
+        .map(|i| format!("$p{i}: AggregateInput!"))
+        .collect();
+    let fields: Vec<String> = (0..inputs.len())
+        .map(|i| format!("p{i}: aggregate(input: $p{i}) {{ rows cache {{ status key }} }}"))
+        .collect();
+    let variables: serde_json::Map<String, Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, input)| (format!("p{i}"), input.clone()))
+        .collect();
+    json!({
+        "query": format!("query Dashboard({}) {{ {} }}", params.join(", "), fields.join(" ")),
+        "variables": variables,
+    })
+}
+
+/// The rows bi-sim returns for this panel asked alone.
+pub fn expected_rows(
+    customer: &str,
+    from: &str,
+    to: &str,
+    measures: &[&str],
+    dimensions: &[&str],
+    granularity: Option<&str>,
+) -> Value {
+    expected_rows_for(&input(
+        customer,
+        from,
+        to,
+        measures,
+        dimensions,
+        granularity,
+    ))
+}
+
+/// The rows bi-sim returns for the panel of this `input` variable asked
+/// alone. The BI query is planned by the gateway's own [`Planner`] with the
+/// default settings, so the test does not re-implement planning.
+pub fn expected_rows_for(input: &Value) -> Value {
+    let strings = |field: &str| -> Vec<String> {
+        input[field]
+            .as_array()
+            .map(|values| {
+                values
+                    .iter()
+                    .map(|v| v.as_str().expect("member names are strings").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let granularity = input["granularity"].as_str().map(|g| match g {
+        "DAY" => Granularity::Day,
+        "WEEK" => Granularity::Week,
+        "MONTH" => Granularity::Month,
+        "QUARTER" => Granularity::Quarter,
+        "YEAR" => Granularity::Year,
+        other => panic!("no expected rows for granularity {other}"),
+    });
+    let (measures, dimensions) = (strings("measures"), strings("dimensions"));
+    let config = Config::embedded_defaults();
+    let query = AggregateQuery::parse(
+        RawAggregate {
+            customer: input["customer"].as_str().expect("a customer"),
+            from: input["dateRange"]["from"].as_str().expect("dateRange.from"),
+            to: input["dateRange"]["to"].as_str().expect("dateRange.to"),
+            measures: &measures,
+            dimensions: &dimensions,
+            granularity,
+        },
+        &config.query,
+        None,
+    )
+    .expect("expected rows are computed for valid inputs only");
+    let planned = Planner::new(config.planner, "expected-rows").plan(&query);
+    let rows = sim::answer(&planned.cube).expect("bi-sim answers the planned query");
+    serde_json::to_value(rows).expect("rows are JSON")
+}
+
+/// `extensions.code` of the first error of an answer (`None` without errors).
+pub fn error_code(answer: &Value) -> Option<&str> {
+    answer["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// The value of one Prometheus sample, found by name and labels (in any order).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if series_name != name {
+                return None;
+            }
+            let mut found: Vec<(String, String)> = series_labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .filter_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    Some((k.to_owned(), v.trim_matches('"').to_owned()))
+                })
+                .collect();
+            let mut wanted: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            found.sort();
+            wanted.sort();
+            (found == wanted).then(|| value.parse().ok()).flatten()
+        })
+}
