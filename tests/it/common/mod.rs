@@ -261,6 +261,35 @@ impl Gateway {
             })
     }
 
+    /// The HTTP status the gateway answers to the head of a `POST path` that
+    /// announces a JSON body of `content_length` bytes, none of which is sent.
+    pub async fn status_of_announced_post(&self, path: &str, content_length: usize) -> u16 {
+        use std::io::Write;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             Content-Length: {content_length}\r\n\r\n",
+            self.address
+        );
+        let address = self.address.clone();
+        let exchange = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect(&address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            stream.write_all(head.as_bytes())?;
+            let mut status_line = String::new();
+            BufReader::new(stream).read_line(&mut status_line)?;
+            Ok(status_line)
+        });
+        let status_line = within(REQUEST_TIMEOUT, path, exchange)
+            .await
+            .expect("the exchange does not panic")
+            .unwrap_or_else(|err| panic!("POST {path} head: {err}"));
+        status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP status line: {status_line:?}"))
+    }
+
     /// `GET path` (with a query string if any).
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.get_with(path, &[]).await
@@ -356,6 +385,21 @@ impl TestOptions {
 
     pub fn env(mut self, name: &str, value: impl ToString) -> Self {
         self.extra_env.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    pub fn instances(mut self, instances: usize) -> Self {
+        self.instances = instances;
+        self
+    }
+
+    /// Shares the Redis that the test command started (`TEST_REDIS_URL`);
+    /// every env still gets its own key namespace.
+    pub fn redis(mut self) -> Self {
+        let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| {
+            panic!("TEST_REDIS_URL is not set: run the tests with scripts/test, which starts a redis-server")
+        });
+        self.redis_url = Some(url);
         self
     }
 }
