@@ -101,8 +101,9 @@ impl Aggregator {
 
     /// The answer for `query` if process memory has it: no I/O, no waiting.
     pub fn peek(&self, query: &PlannedQuery) -> Option<AnswerResult> {
-        let cached = self.coordinator.peek(&query.key)?;
-        Some(answer_from_cache(cached))
+        let answer = answer_from_cache(self.coordinator.peek(&query.key)?);
+        count_answer(&answer);
+        Some(answer)
     }
 
     /// Answers every query of one batch; each gets its own answer or error.
@@ -167,13 +168,7 @@ impl Aggregator {
         .await;
         answers.extend(waited);
 
-        for answer in answers.values() {
-            let label = match answer {
-                Ok(answer) => answer.status.label(),
-                Err(_) => "error",
-            };
-            metrics::counter!(names::CACHE_LOOKUPS, "status" => label).increment(1);
-        }
+        answers.values().for_each(count_answer);
         answers
     }
 
@@ -261,6 +256,14 @@ impl Aggregator {
             production.flight.complete(Err(error.clone()));
         }
     }
+}
+
+fn count_answer(answer: &AnswerResult) {
+    let label = match answer {
+        Ok(answer) => answer.status.label(),
+        Err(_) => "error",
+    };
+    metrics::counter!(names::CACHE_LOOKUPS, "status" => label).increment(1);
 }
 
 fn answer_from_cache(cached: Cached) -> AnswerResult {

@@ -92,10 +92,20 @@ impl CatalogStore {
         self.current.read().ok().and_then(|guard| guard.clone())
     }
 
-    fn set(&self, catalog: Catalog) {
-        if let Ok(mut guard) = self.current.write() {
-            *guard = Some(Arc::new(catalog));
+    /// The catalog, fetched now if the background refresh has not succeeded yet.
+    pub async fn get_or_fetch(&self, bi: &BiClient) -> Result<Arc<Catalog>, crate::bi::BiError> {
+        if let Some(catalog) = self.get() {
+            return Ok(catalog);
         }
+        Ok(self.set(Catalog::new(bi.meta().await?)))
+    }
+
+    fn set(&self, catalog: Catalog) -> Arc<Catalog> {
+        let catalog = Arc::new(catalog);
+        if let Ok(mut guard) = self.current.write() {
+            *guard = Some(Arc::clone(&catalog));
+        }
+        catalog
     }
 
     /// Fetches `/meta` now and then every `every`; after a failure, again soon.

@@ -6,12 +6,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Coordinator, CoordinatorStatus, LeadOrWait, Lease};
+use super::{Coordinator, CoordinatorStatus, LeadOrWait, Lease, Origin};
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
 
 /// With one process, the in-process flights already make each key's producer
-/// unique, so every `lead_or_wait` leads.
+/// unique, so `lead_or_wait` leads unless the answer has just arrived.
 pub struct LocalCoordinator {
     memory: MemoryCache,
     negative_ttl: Duration,
@@ -37,6 +37,14 @@ impl Coordinator for LocalCoordinator {
     }
 
     async fn lead_or_wait(&self, key: &CacheKey, _deadline: Instant) -> LeadOrWait {
+        // The previous flight for this key may have filled it between the
+        // caller's lookup and its flight starting.
+        if let Some(cached) = self.memory.get(key) {
+            return LeadOrWait::Settled {
+                cached,
+                origin: Origin::Found,
+            };
+        }
         LeadOrWait::Lead(Lease {
             key: key.clone(),
             token: String::new(),

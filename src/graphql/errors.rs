@@ -83,10 +83,12 @@ pub fn classify_request_errors(response: &mut async_graphql::Response) {
             continue;
         }
         let message = error.message.as_str();
+        // Only the coercion of argument and variable *values* is the
+        // user's input; other document errors are validation failures.
         let code = if message.starts_with("Failed to parse")
             || message.starts_with("Invalid value for argument")
-            || message.contains("Variable \"")
-            || message.contains("variable")
+            || message.starts_with("Invalid value for variable")
+            || (message.starts_with("Variable \"") && message.contains("value"))
         {
             ErrorCode::BadUserInput
         } else if message.contains(" --> ") || message.starts_with("Parse error") {

@@ -116,17 +116,11 @@ impl QueryRoot {
     /// The cubes, measures and dimensions the BI offers: what `aggregate` can ask for.
     async fn catalog(&self, ctx: &Context<'_>) -> async_graphql::Result<CatalogView> {
         let shared = ctx.data::<SchemaContext>()?;
-        let catalog = match shared.catalog.get() {
-            Some(catalog) => catalog,
-            None => {
-                let meta = shared
-                    .bi
-                    .meta()
-                    .await
-                    .map_err(|err| ResolverError::Answer(AnswerError::from(&err)).extend())?;
-                Arc::new(Catalog::new(meta))
-            }
-        };
+        let catalog = shared
+            .catalog
+            .get_or_fetch(&shared.bi)
+            .await
+            .map_err(|err| ResolverError::Answer(AnswerError::from(&err)).extend())?;
         Ok(CatalogView(catalog))
     }
 }
@@ -152,6 +146,9 @@ impl AggregateResult {
         CacheInfo {
             status: self.answer.status,
             key: self.key.clone(),
+            produced_at: chrono::DateTime::from_timestamp_millis(entry.produced_at_ms as i64)
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default(),
             age_seconds: now.saturating_sub(entry.produced_at_ms) as f64 / 1000.0,
             expires_in_seconds: entry.expires_at_ms.saturating_sub(now) as f64 / 1000.0,
             produced_by: entry.producer.clone(),
@@ -178,6 +175,8 @@ pub struct CacheInfo {
     status: CacheStatus,
     /// Short hash of the cache key: equal for requests that share an entry.
     key: String,
+    /// When the BI call that produced the rows ended (RFC 3339, UTC).
+    produced_at: String,
     /// Seconds since the BI produced the rows.
     age_seconds: f64,
     /// Seconds until the entry expires.
