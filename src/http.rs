@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::http::GraphiQLSource;
+use async_graphql::parser::types::ExecutableDocument;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -33,6 +34,42 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub request_timeout: Duration,
     pub instance_id: Arc<str>,
+    pub documents: DocumentCache,
+}
+
+/// Parsed GraphQL documents by their text. Dashboards send the same few
+/// documents over and over; parsing is a large share of a cached hit's cost,
+/// and a parsed document is immutable. Validation still runs every time.
+#[derive(Clone)]
+pub struct DocumentCache {
+    parsed: moka::sync::Cache<String, ExecutableDocument>,
+}
+
+impl Default for DocumentCache {
+    fn default() -> DocumentCache {
+        DocumentCache {
+            parsed: moka::sync::Cache::new(1_000),
+        }
+    }
+}
+
+impl DocumentCache {
+    /// Longer documents are parsed each time rather than kept.
+    const MAX_QUERY_LEN: usize = 16 * 1024;
+
+    fn prepare(&self, request: &mut async_graphql::Request) {
+        if request.query.len() > Self::MAX_QUERY_LEN {
+            return;
+        }
+        if let Some(document) = self.parsed.get(request.query.as_str()) {
+            request.set_parsed_query(document);
+        } else if let Ok(document) = request.parsed_query() {
+            // Only documents that parse are kept; a parse error is reported
+            // by execution as usual.
+            let document = document.clone();
+            self.parsed.insert(request.query.clone(), document);
+        }
+    }
 }
 
 /// The whole HTTP application; tests drive this same router.
@@ -90,8 +127,9 @@ async fn graphql_get(
     }
 }
 
-async fn execute(state: &AppState, request: async_graphql::Request) -> Response {
+async fn execute(state: &AppState, mut request: async_graphql::Request) -> Response {
     let started = std::time::Instant::now();
+    state.documents.prepare(&mut request);
     let deadline = Instant::now() + state.request_timeout;
     let loader = DataLoader::new(
         AggregateLoader::new(Arc::clone(&state.aggregator), deadline),
@@ -100,8 +138,28 @@ async fn execute(state: &AppState, request: async_graphql::Request) -> Response 
     let mut response = state.schema.execute(request.data(loader)).await;
     classify_request_errors(&mut response);
     metrics::histogram!(names::GRAPHQL_DURATION).record(started.elapsed().as_secs_f64());
-    Json(response).into_response()
+
+    // While Redis is down, answers come from in-process coalescing and direct
+    // BI calls: correct, but not shared across instances. Say so.
+    let degraded = state.aggregator.coordinator().describe().redis == "down";
+    if degraded {
+        response.extensions.insert(
+            "degraded".to_owned(),
+            async_graphql::Value::from("redis-unavailable"),
+        );
+    }
+    let mut http_response = Json(response).into_response();
+    if degraded {
+        http_response.headers_mut().insert(
+            DEGRADED_HEADER,
+            header::HeaderValue::from_static("redis-unavailable"),
+        );
+    }
+    http_response
 }
+
+/// Set on GraphQL responses served while Redis is unavailable.
+pub const DEGRADED_HEADER: &str = "x-gateway-degraded";
 
 /// A request that is not GraphQL at all: HTTP 400 with a GraphQL-shaped body.
 fn request_error(message: &str) -> Response {
@@ -131,6 +189,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "bi": if bi_up { "up" } else { "down" },
         "redis": coordinator.redis,
         "coordination": coordinator.mode,
+        "notifications": coordinator.notifications,
     });
     (status, Json(body)).into_response()
 }

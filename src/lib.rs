@@ -118,6 +118,7 @@ pub async fn run(
                 local_cache: options.local_cache,
                 memory_max_bytes: config.cache.memory_max_bytes,
                 negative_ttl: config.cache.negative_ttl,
+                instance_id: config.instance_id.clone(),
             })
             .await
             .map_err(|err| StartError::Redis(err.to_string()))?,
@@ -159,6 +160,7 @@ pub async fn run(
         metrics: telemetry::metrics_handle(),
         request_timeout: config.request_timeout,
         instance_id: config.instance_id.as_str().into(),
+        documents: http::DocumentCache::default(),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 
