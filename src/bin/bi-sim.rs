@@ -90,42 +90,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         latency: Duration::from_millis(cli.latency_ms),
     });
     tracing::info!("bi-sim listening on http://{address}/cubejs-api/v1");
-    sim::serve(listener, simulator, shutdown_signal())
+    sim::serve(listener, simulator, analytics_gateway::shutdown_signal())
         .await
         .context("serving HTTP")?;
     tracing::info!("bi-sim stopped");
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM, whichever comes first. A signal that cannot
-/// be watched is logged and ignored, leaving the other one to stop the server.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::warn!(%error, "cannot watch Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutdown signal received, finishing requests in flight");
 }

@@ -51,6 +51,8 @@ pub struct RedisSettings {
     pub local_cache: bool,
     pub memory_max_bytes: u64,
     pub negative_ttl: Duration,
+    /// Written into lock tokens, so an operator can see who holds a lock.
+    pub instance_id: String,
 }
 
 /// Why Redis could not be set up at all (a bad URL; an unreachable server is
@@ -286,7 +288,11 @@ impl RedisCoordinator {
     }
 
     async fn try_lock(&self, key: &CacheKey) -> Result<Option<String>, redis::RedisError> {
-        let token = uuid::Uuid::new_v4().simple().to_string();
+        let token = format!(
+            "{}:{}",
+            self.settings.instance_id,
+            uuid::Uuid::new_v4().simple()
+        );
         let reply: Option<String> = redis::cmd("SET")
             .arg(self.layout.lock(key))
             .arg(&token)

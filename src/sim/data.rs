@@ -97,13 +97,20 @@ fn effective_limit(requested: Option<u32>) -> u32 {
 struct Plan {
     measures: Vec<Measure>,
     dimensions: Vec<Dimension>,
-    from: NaiveDate,
-    days: u64,
-    granularity: Option<Granularity>,
+    window: Window,
     customers: BTreeSet<String>,
     regions: BTreeSet<String>,
     products: BTreeSet<String>,
     limit: usize,
+}
+
+/// The days a query covers, and how it buckets them.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    from: NaiveDate,
+    /// At least 1, at most [`MAX_RANGE_DAYS`].
+    days: usize,
+    granularity: Option<Granularity>,
 }
 
 impl Plan {
@@ -123,7 +130,110 @@ impl Plan {
                     .ok_or_else(|| schema::misuse_message(name, "a dimension"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let window = Window::parse(query)?;
+        if measures.is_empty() && dimensions.is_empty() && window.granularity.is_none() {
+            // Cube's own wording for an empty query.
+            return Err(
+                "Query should contain either measures, dimensions or timeDimensions \
+                 with granularities in order to be valid"
+                    .to_owned(),
+            );
+        }
 
+        for filter in &query.filters {
+            check_filter(filter)?;
+        }
+        let customers = domain(Dimension::CustomerId, &query.filters);
+        let regions = domain(Dimension::Region, &query.filters);
+        let products = domain(Dimension::Product, &query.filters);
+
+        // Every factor is far below u64::MAX; saturating keeps the arithmetic
+        // free of overflow panics regardless.
+        let scanned = [window.days, customers.len(), regions.len(), products.len()]
+            .into_iter()
+            .map(|n| u64::try_from(n).unwrap_or(u64::MAX))
+            .fold(1, u64::saturating_mul);
+        if scanned > MAX_SCANNED_FACTS {
+            return Err(format!(
+                "query would scan {scanned} facts; bi-sim scans at most {MAX_SCANNED_FACTS} \
+                 (narrow the dateRange or the customer filter)"
+            ));
+        }
+
+        Ok(Plan {
+            measures,
+            dimensions,
+            window,
+            customers,
+            regions,
+            products,
+            limit: usize::try_from(effective_limit(query.limit)).unwrap_or(usize::MAX),
+        })
+    }
+
+    fn run(&self) -> Vec<Row> {
+        // Keyed by (bucket, dimension values in query order): the BTreeMap's
+        // order is the row order, time first, then dimension values.
+        let mut groups: BTreeMap<(Option<NaiveDate>, Vec<&str>), Totals> = BTreeMap::new();
+        for (day, bucket) in self.window.days() {
+            for customer in &self.customers {
+                for region in &self.regions {
+                    for product in &self.products {
+                        let values = self
+                            .dimensions
+                            .iter()
+                            .map(|d| match d {
+                                Dimension::Region => region.as_str(),
+                                Dimension::Product => product.as_str(),
+                                Dimension::CustomerId => customer.as_str(),
+                            })
+                            .collect();
+                        let fact = fact(customer, day, region, product);
+                        groups.entry((bucket, values)).or_default().add(fact);
+                    }
+                }
+            }
+        }
+        groups
+            .into_iter()
+            .take(self.limit)
+            .map(|((bucket, values), totals)| self.row(bucket, &values, totals))
+            .collect()
+    }
+
+    fn row(&self, bucket: Option<NaiveDate>, values: &[&str], totals: Totals) -> Row {
+        let mut row = Row::new();
+        if let (Some(granularity), Some(bucket)) = (self.window.granularity, bucket) {
+            let timestamp = Value::String(bucket.format("%Y-%m-%dT00:00:00.000").to_string());
+            row.insert(
+                format!("{TIME_DIMENSION}.{}", granularity.name()),
+                timestamp.clone(),
+            );
+            row.insert(TIME_DIMENSION.to_owned(), timestamp);
+        }
+        for (dimension, value) in self.dimensions.iter().zip(values) {
+            row.insert(
+                dimension.name().to_owned(),
+                Value::String((*value).to_owned()),
+            );
+        }
+        for measure in &self.measures {
+            // Cube returns numbers as strings; so does the sim.
+            let value = match measure {
+                Measure::Revenue => format_cents(totals.revenue_cents),
+                Measure::Orders => totals.orders.to_string(),
+                Measure::AvgOrderValue => format_cents(totals.avg_order_value_cents()),
+            };
+            row.insert(measure.name().to_owned(), Value::String(value));
+        }
+        row
+    }
+}
+
+impl Window {
+    /// The simulator has no data outside an explicit range, so every query
+    /// needs exactly one time dimension, on `Sales.date`, with a `dateRange`.
+    fn parse(query: &CubeQuery) -> Result<Self, String> {
         let time = match query.time_dimensions.as_slice() {
             [time] => time,
             [] => {
@@ -154,14 +264,6 @@ impl Plan {
                 })
             })
             .transpose()?;
-        if measures.is_empty() && dimensions.is_empty() && granularity.is_none() {
-            // Cube's own wording for an empty query.
-            return Err(
-                "Query should contain either measures, dimensions or timeDimensions \
-                        with granularities in order to be valid"
-                    .to_owned(),
-            );
-        }
 
         let [from, to] = time.date_range.as_ref().ok_or_else(|| {
             format!("dateRange is required on timeDimensions entry '{TIME_DIMENSION}'")
@@ -176,102 +278,21 @@ impl Plan {
                 "dateRange spans {days} days; bi-sim answers at most {MAX_RANGE_DAYS}"
             ));
         }
-
-        for filter in &query.filters {
-            check_filter(filter)?;
-        }
-        let customers = domain(Dimension::CustomerId, &query.filters);
-        let regions = domain(Dimension::Region, &query.filters);
-        let products = domain(Dimension::Product, &query.filters);
-
-        // Both factors are positive and bounded, so the conversions and the
-        // product cannot fail; saturating keeps that true without a panic path.
-        let days = u64::try_from(days).unwrap_or(u64::MAX);
-        let scanned = [customers.len(), regions.len(), products.len()]
-            .into_iter()
-            .map(|n| u64::try_from(n).unwrap_or(u64::MAX))
-            .fold(days, u64::saturating_mul);
-        if scanned > MAX_SCANNED_FACTS {
-            return Err(format!(
-                "query would scan {scanned} facts; bi-sim scans at most {MAX_SCANNED_FACTS} \
-                 (narrow the dateRange or the customer filter)"
-            ));
-        }
-
-        Ok(Plan {
-            measures,
-            dimensions,
+        Ok(Window {
             from,
-            days,
+            // Between 1 and MAX_RANGE_DAYS, so it always fits.
+            days: usize::try_from(days).unwrap_or(usize::MAX),
             granularity,
-            customers,
-            regions,
-            products,
-            limit: usize::try_from(effective_limit(query.limit)).unwrap_or(usize::MAX),
         })
     }
 
-    fn run(&self) -> Vec<Row> {
-        // Keyed by (bucket, dimension values in query order): the BTreeMap's
-        // order is the row order, time first, then dimension values.
-        let mut groups: BTreeMap<(Option<NaiveDate>, Vec<&str>), Totals> = BTreeMap::new();
-        for day in self
-            .from
+    /// Every day of the window, with the start of its bucket (`None` when the
+    /// query asks for totals).
+    fn days(self) -> impl Iterator<Item = (NaiveDate, Option<NaiveDate>)> {
+        self.from
             .iter_days()
-            .take(usize::try_from(self.days).unwrap_or(usize::MAX))
-        {
-            let bucket = self.granularity.map(|g| bucket_start(g, day));
-            for customer in &self.customers {
-                for region in &self.regions {
-                    for product in &self.products {
-                        let values = self
-                            .dimensions
-                            .iter()
-                            .map(|d| match d {
-                                Dimension::Region => region.as_str(),
-                                Dimension::Product => product.as_str(),
-                                Dimension::CustomerId => customer.as_str(),
-                            })
-                            .collect();
-                        let fact = fact(customer, day, region, product);
-                        groups.entry((bucket, values)).or_default().add(fact);
-                    }
-                }
-            }
-        }
-        groups
-            .into_iter()
-            .take(self.limit)
-            .map(|((bucket, values), totals)| self.row(bucket, &values, totals))
-            .collect()
-    }
-
-    fn row(&self, bucket: Option<NaiveDate>, values: &[&str], totals: Totals) -> Row {
-        let mut row = Row::new();
-        if let (Some(granularity), Some(bucket)) = (self.granularity, bucket) {
-            let timestamp = Value::String(bucket.format("%Y-%m-%dT00:00:00.000").to_string());
-            row.insert(
-                format!("{TIME_DIMENSION}.{}", granularity.name()),
-                timestamp.clone(),
-            );
-            row.insert(TIME_DIMENSION.to_owned(), timestamp);
-        }
-        for (dimension, value) in self.dimensions.iter().zip(values) {
-            row.insert(
-                dimension.name().to_owned(),
-                Value::String((*value).to_owned()),
-            );
-        }
-        for measure in &self.measures {
-            // Cube returns numbers as strings; so does the sim.
-            let value = match measure {
-                Measure::Revenue => format_cents(totals.revenue_cents),
-                Measure::Orders => totals.orders.to_string(),
-                Measure::AvgOrderValue => format_cents(totals.avg_order_value_cents()),
-            };
-            row.insert(measure.name().to_owned(), Value::String(value));
-        }
-        row
+            .take(self.days)
+            .map(move |day| (day, self.granularity.map(|g| bucket_start(g, day))))
     }
 }
 

@@ -11,10 +11,10 @@
 //! gateway's BI client is exercised exactly as against real Cube.
 //!
 //! Layout:
-//! - [`schema`]: the `Sales` cube's members and the `/meta` answer;
-//! - [`data`]: the deterministic facts and query evaluation, blending rules included;
-//! - [`faults`]: fault injection state;
-//! - [`server`]: the HTTP routes.
+//! - `schema`: the `Sales` cube's members and the `/meta` answer;
+//! - `data`: the deterministic facts and query evaluation, blending rules included;
+//! - `faults`: fault injection state;
+//! - `server`: the HTTP routes.
 //!
 //! Architecture invariant: the simulator knows nothing of the gateway (GraphQL,
 //! caching, coalescing); it shares only the wire types of [`crate::bi::protocol`].

@@ -1,0 +1,153 @@
+//! Cold-cache stampede: fires N identical `aggregate` requests at once, spread
+//! over the given gateways, and prints how long everyone waited beyond the BI's
+//! own latency and how soon each follower was answered after the leader's
+//! cache write (client receive time minus the entry's `producedAt`).
+//!
+//! `cargo bench --bench stampede -- --urls http://127.0.0.1:4000 --n 200 --bi-latency-ms 2000`
+//! (`scripts/bench` runs it with the right set-ups.)
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+struct Args {
+    urls: Vec<String>,
+    n: usize,
+    bi_latency_ms: f64,
+    customer: String,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        urls: vec!["http://127.0.0.1:4000".into()],
+        n: 200,
+        bi_latency_ms: 2000.0,
+        customer: format!("bench-{}", unix_micros()),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_default();
+        match flag.as_str() {
+            "--urls" => args.urls = value().split(',').map(str::to_owned).collect(),
+            "--n" => args.n = value().parse().unwrap_or(args.n),
+            "--bi-latency-ms" => args.bi_latency_ms = value().parse().unwrap_or(2000.0),
+            "--customer" => args.customer = value(),
+            // `cargo bench` passes `--bench`; ignore what we do not know.
+            _ => {}
+        }
+    }
+    args
+}
+
+fn unix_micros() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or_default()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    // `cargo bench` passes `--bench`; test runners that list or run every
+    // target (`cargo test --all-targets`, nextest) do not, and get nothing.
+    if !std::env::args().any(|arg| arg == "--bench") {
+        return;
+    }
+    let args = parse_args();
+    let body = json!({
+        "query": "query Panel($input: AggregateInput!) { aggregate(input: $input) { rows cache { status producedAt } } }",
+        "variables": {"input": {
+            "customer": args.customer,
+            "dateRange": {"from": "2025-01-01", "to": "2025-01-31"},
+            "measures": ["Sales.revenue", "Sales.orders"],
+            "dimensions": ["Sales.region"],
+            "granularity": "DAY"
+        }}
+    });
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.n)
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("an HTTP client");
+
+    // Open the connections first, so the stampede measures the gateway, not TCP set-up.
+    let warm: Vec<_> = (0..args.n)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{}/healthz", args.urls[i % args.urls.len()]);
+            tokio::spawn(async move { client.get(url).send().await.map(|_| ()) })
+        })
+        .collect();
+    for task in warm {
+        let _ = task.await;
+    }
+
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.n)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{}/graphql", args.urls[i % args.urls.len()]);
+            let body = body.clone();
+            tokio::spawn(async move {
+                let response = client.post(url).json(&body).send().await?;
+                let value: Value = response.json().await?;
+                Ok::<_, reqwest::Error>((value, unix_micros()))
+            })
+        })
+        .collect();
+    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
+    let mut wake_ms = Vec::new();
+    for task in tasks {
+        match task.await {
+            Ok(Ok((value, received_us))) => {
+                let cache = &value["data"]["aggregate"]["cache"];
+                let status = cache["status"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        value["errors"][0]["extensions"]["code"]
+                            .as_str()
+                            .map(|c| format!("error {c}"))
+                    })
+                    .unwrap_or_else(|| "unreadable".into());
+                if status == "COALESCED"
+                    && let Some(produced) = cache["producedAt"]
+                        .as_str()
+                        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+                {
+                    let produced_us = produced.timestamp_micros() as f64;
+                    wake_ms.push((received_us as f64 - produced_us) / 1000.0);
+                }
+                *statuses.entry(status).or_default() += 1;
+            }
+            _ => *statuses.entry("transport error".into()).or_default() += 1,
+        }
+    }
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+    wake_ms.sort_by(f64::total_cmp);
+    println!(
+        "stampede: {} requests over {} instance(s): {statuses:?}",
+        args.n,
+        args.urls.len()
+    );
+    println!(
+        "stampede: all answered in {wall_ms:.0} ms; minus the BI's {:.0} ms: {:.0} ms",
+        args.bi_latency_ms,
+        wall_ms - args.bi_latency_ms
+    );
+    println!(
+        "stampede: follower wake latency (answer received - leader's entry produced), ms: p50 {:.2} p99 {:.2} max {:.2} (producedAt has 1 ms resolution)",
+        percentile(&wake_ms, 50.0),
+        percentile(&wake_ms, 99.0),
+        wake_ms.last().copied().unwrap_or(f64::NAN)
+    );
+}
