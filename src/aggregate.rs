@@ -16,9 +16,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tokio::time::Instant;
 use tracing::Instrument;
+use tracing::field::Empty;
 
-use crate::bi::BiClient;
-use crate::bi::protocol::{CubeQuery, Row};
+use crate::bi::protocol::CubeQuery;
+use crate::bi::{BiAnswer, BiClient};
 use crate::cache::{AnswerError, Cached, Entry};
 use crate::coalesce::{
     Coordinator, FlightLead, Flights, Joined, LeadOrWait, Lease, Origin, Resolved,
@@ -113,7 +114,14 @@ impl Aggregator {
         deadline: Instant,
     ) -> HashMap<CacheKey, AnswerResult> {
         let keys: Vec<CacheKey> = queries.iter().map(|q| q.key.clone()).collect();
-        let found = self.coordinator.lookup(&keys).await;
+        let lookup_span =
+            tracing::info_span!("cache.lookup", keys = keys.len() as i64, found = Empty);
+        let found = self
+            .coordinator
+            .lookup(&keys)
+            .instrument(lookup_span.clone())
+            .await;
+        lookup_span.record("found", found.iter().filter(|f| f.is_some()).count() as i64);
 
         let mut answers = HashMap::with_capacity(queries.len());
         let mut to_lead = Vec::new();
@@ -136,28 +144,32 @@ impl Aggregator {
             // away does not cancel it for the others, and a call already paid
             // for still fills the cache.
             let this = Arc::clone(self);
-            let span = tracing::info_span!("aggregate.produce", keys = to_lead.len());
+            let span = tracing::info_span!("aggregate.produce", keys = to_lead.len() as i64);
             tokio::spawn(async move { this.produce(to_lead).await }.instrument(span));
         }
 
         let waited = join_all(waits.into_iter().map(|(key, watch, led)| async move {
             let started = std::time::Instant::now();
-            let outcome = match tokio::time::timeout_at(deadline, watch.outcome()).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(AnswerError::unavailable(
-                    "no answer from the BI before the request's deadline",
-                )),
+            let (outcome, ended) = match tokio::time::timeout_at(deadline, watch.outcome()).await {
+                Ok(Ok(resolved)) => (Ok(resolved), "answer"),
+                Ok(Err(error)) => (Err(error), "error"),
+                Err(_) => (
+                    Err(AnswerError::unavailable(
+                        "no answer from the BI before the request's deadline",
+                    )),
+                    "timeout",
+                ),
             };
+            if !led {
+                metrics::histogram!(names::COALESCE_WAIT, "outcome" => ended)
+                    .record(started.elapsed().as_secs_f64());
+            }
             let answer = outcome.map(|resolved| {
                 let status = match (led, resolved.origin) {
                     (_, Origin::Found) => CacheStatus::Hit,
                     (true, Origin::Produced) => CacheStatus::Miss,
                     _ => CacheStatus::Coalesced,
                 };
-                if status == CacheStatus::Coalesced {
-                    metrics::histogram!(names::COALESCE_WAIT)
-                        .record(started.elapsed().as_secs_f64());
-                }
                 Answer {
                     entry: resolved.entry,
                     status,
@@ -207,13 +219,13 @@ impl Aggregator {
     /// query is asked again alone, so one bad panel does not fail the others.
     async fn produce_batch(&self, batch: Vec<Production>) {
         match self.call_bi(&batch).await {
-            Ok(rows) => self.settle_rows(batch, rows).await,
+            Ok(answer) => self.settle_rows(batch, answer).await,
             Err(err) if batch.len() > 1 && err.is_about_the_queries() => {
                 tracing::info!(error = %err, queries = batch.len(), "BI rejected a batch; asking its queries one by one");
                 join_all(batch.into_iter().map(|production| async move {
                     let single = vec![production];
                     match self.call_bi(&single).await {
-                        Ok(rows) => self.settle_rows(single, rows).await,
+                        Ok(answer) => self.settle_rows(single, answer).await,
                         Err(err) => self.settle_error(single, &err).await,
                     }
                 }))
@@ -223,19 +235,23 @@ impl Aggregator {
         }
     }
 
-    async fn call_bi(&self, batch: &[Production]) -> Result<Vec<Vec<Row>>, crate::bi::BiError> {
+    async fn call_bi(&self, batch: &[Production]) -> Result<BiAnswer, crate::bi::BiError> {
         let queries: Vec<&CubeQuery> = batch.iter().map(|p| &*p.query.cube).collect();
         self.bi.load(&queries).await
     }
 
-    async fn settle_rows(&self, batch: Vec<Production>, rows: Vec<Vec<Row>>) {
-        for (production, rows) in batch.into_iter().zip(rows) {
-            let entry = Arc::new(Entry::new(
-                rows,
-                self.settings.ttl,
-                &self.settings.instance_id,
-                self.settings.row_limit,
-            ));
+    async fn settle_rows(&self, batch: Vec<Production>, answer: BiAnswer) {
+        let call = answer.call;
+        for (production, rows) in batch.into_iter().zip(answer.rows) {
+            let entry = Arc::new(
+                Entry::new(
+                    rows,
+                    self.settings.ttl,
+                    &self.settings.instance_id,
+                    self.settings.row_limit,
+                )
+                .produced_by_call(call.as_ref()),
+            );
             // Store first, then wake: a request arriving after the flight
             // ends must find the answer in the store.
             self.coordinator

@@ -84,7 +84,7 @@ pub struct Cli {
     pub redis_lock_ttl_ms: u64,
 
     /// Timeout of one Redis command; past it the gateway treats Redis as down.
-    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 500)]
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1_000)]
     pub redis_timeout_ms: u64,
 
     /// Whether the gateway may turn on keyspace notifications with CONFIG SET
@@ -129,6 +129,73 @@ pub struct Cli {
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Most `aggregate` fields in one document: each may be a paid BI query.
+    #[arg(long, env = "MAX_AGGREGATES_PER_REQUEST", default_value_t = 50)]
+    pub max_aggregates_per_request: usize,
+
+    /// Most aliased fields in one document.
+    #[arg(long, env = "MAX_ALIASES", default_value_t = 60)]
+    pub max_aliases: usize,
+
+    /// Most directives on one field.
+    #[arg(long, env = "MAX_DIRECTIVES_PER_FIELD", default_value_t = 4)]
+    pub max_directives_per_field: usize,
+
+    /// Deepest nesting of lists and objects in a document or its variables.
+    #[arg(long, env = "MAX_RECURSIVE_DEPTH", default_value_t = 32)]
+    pub max_recursive_depth: usize,
+
+    /// Most lexical tokens in a document; longer ones are refused before parsing.
+    #[arg(long, env = "MAX_TOKENS", default_value_t = 5_000)]
+    pub max_tokens: usize,
+
+    /// Accept a JSON array of operations in one POST.
+    #[arg(long, env = "ALLOW_BATCHED_REQUESTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_batched_requests: bool,
+
+    /// Refuse POSTs a browser could send cross-site without a preflight (no
+    /// content type, or text/plain and form encodings) unless they carry one
+    /// of CSRF_REQUIRED_HEADERS.
+    #[arg(long, env = "CSRF_PREVENTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub csrf_prevention: bool,
+
+    /// Headers that make a simple request acceptable (comma-separated).
+    #[arg(
+        long,
+        env = "CSRF_REQUIRED_HEADERS",
+        default_value = "x-apollo-operation-name,apollo-require-preflight"
+    )]
+    pub csrf_required_headers: String,
+
+    /// HS256 secret for JWT bearer tokens; turns authentication on.
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    pub auth_jwt_secret: Option<String>,
+
+    /// PEM file with an RS256 or ES256 public key for JWT bearer tokens; turns authentication on.
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
+    pub auth_jwt_public_key_file: Option<String>,
+
+    /// The JWT claim listing the customers a token may query (a list, or "*").
+    #[arg(long, env = "AUTH_JWT_CUSTOMERS_CLAIM", default_value = "customers")]
+    pub auth_jwt_customers_claim: String,
+
+    /// Required `aud` of JWTs (unset: `aud` is not checked).
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Required `iss` of JWTs (unset: `iss` is not checked).
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// BI queries per minute allowed to each JWT subject (unset: no quota).
+    #[arg(long, env = "AUTH_JWT_QUOTA_PER_MINUTE")]
+    pub auth_jwt_quota_per_minute: Option<u64>,
+
+    /// JSON file of API keys (stored as SHA-256 hashes) with their customers
+    /// and quotas; turns authentication on. Keys are read from `x-api-key`.
+    #[arg(long, env = "AUTH_API_KEYS_FILE")]
+    pub auth_api_keys_file: Option<String>,
+
     /// How often the BI's catalog (`/meta`) is fetched again.
     #[arg(long, env = "CATALOG_REFRESH_SECS", default_value_t = 300)]
     pub catalog_refresh_secs: u64,
@@ -140,6 +207,15 @@ pub struct Cli {
     /// OTLP endpoint for trace export; unset means no export.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// OTLP protocol: `grpc` or `http/protobuf`; unset means `http/protobuf`
+    /// when the endpoint's port is 4318 or its path ends in `/v1/traces`, else `grpc`.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
+    pub otel_exporter_otlp_protocol: Option<String>,
+
+    /// Put customer ids in span attributes (they can be personal data).
+    #[arg(long, env = "TRACE_CUSTOMER_IDS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub trace_customer_ids: bool,
 
     /// Service name in exported traces.
     #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "analytics-gateway")]
@@ -186,6 +262,7 @@ pub struct Config {
     pub planner: PlannerSettings,
     pub cache: CacheSettings,
     pub graphql: GraphqlLimits,
+    pub auth: Option<AuthSettings>,
     pub request_timeout: Duration,
     pub catalog_refresh: Duration,
     pub instance_id: String,
@@ -260,14 +337,69 @@ pub struct GraphqlLimits {
     pub max_depth: usize,
     pub max_complexity: usize,
     pub max_body_bytes: usize,
+    pub max_aggregates: usize,
+    pub max_aliases: usize,
+    pub max_directives_per_field: usize,
+    pub max_recursive_depth: usize,
+    pub max_tokens: usize,
+    pub allow_batched_requests: bool,
+    /// Lower-case header names; `None` turns CSRF prevention off.
+    pub csrf_required_headers: Option<Vec<String>>,
+}
+
+/// Who may ask; `None` in [`Config::auth`] means everyone (with a warning at start).
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub jwt: Option<JwtSettings>,
+    pub api_keys_file: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct JwtSettings {
+    pub key: JwtKey,
+    pub customers_claim: String,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub quota_per_minute: Option<u64>,
+}
+
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secret never reaches a log line.
+        f.debug_struct("JwtSettings")
+            .field("customers_claim", &self.customers_claim)
+            .field("quota_per_minute", &self.quota_per_minute)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+pub enum JwtKey {
+    Hs256Secret(String),
+    /// PEM text of an RSA or EC public key.
+    PublicKeyPem(String),
 }
 
 #[derive(Debug, Clone)]
 pub struct TelemetrySettings {
     pub log_filter: String,
     pub log_format: LogFormat,
-    pub otlp_endpoint: Option<String>,
+    pub otlp: Option<OtlpExport>,
     pub service_name: String,
+    pub trace_customer_ids: bool,
+}
+
+/// Where and how spans are exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpExport {
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
 }
 
 /// Cube drops rows past this limit whatever the query asks.
@@ -371,6 +503,48 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&cli.rust_log)
             .map_err(|err| bad("RUST_LOG", err.to_string()))?;
+        let jwt_key = match (
+            cli.auth_jwt_secret.as_deref(),
+            cli.auth_jwt_public_key_file.as_deref(),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "AUTH_JWT_SECRET",
+                    "set either AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE, not both",
+                ));
+            }
+            (Some(secret), None) if secret.len() < 32 => {
+                return Err(bad("AUTH_JWT_SECRET", "must be at least 32 bytes"));
+            }
+            (Some(secret), None) => Some(JwtKey::Hs256Secret(secret.to_owned())),
+            (None, Some(path)) => Some(JwtKey::PublicKeyPem(
+                std::fs::read_to_string(path).map_err(|err| {
+                    bad(
+                        "AUTH_JWT_PUBLIC_KEY_FILE",
+                        format!("cannot read `{path}`: {err}"),
+                    )
+                })?,
+            )),
+            (None, None) => None,
+        };
+        let api_keys_file = cli.auth_api_keys_file.filter(|p| !p.trim().is_empty());
+        let auth = (jwt_key.is_some() || api_keys_file.is_some()).then(|| AuthSettings {
+            jwt: jwt_key.map(|key| JwtSettings {
+                key,
+                customers_claim: cli.auth_jwt_customers_claim.clone(),
+                audience: cli.auth_jwt_audience.clone().filter(|a| !a.is_empty()),
+                issuer: cli.auth_jwt_issuer.clone().filter(|i| !i.is_empty()),
+                quota_per_minute: cli.auth_jwt_quota_per_minute,
+            }),
+            api_keys_file,
+        });
+        let otlp = match cli.otel_exporter_otlp_endpoint.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(endpoint) => Some(parse_otlp(
+                endpoint,
+                cli.otel_exporter_otlp_protocol.as_deref(),
+            )?),
+        };
 
         Ok(Config {
             listen,
@@ -404,7 +578,21 @@ impl Config {
                 max_depth: cli.graphql_max_depth,
                 max_complexity: cli.graphql_max_complexity,
                 max_body_bytes: cli.max_body_bytes,
+                max_aggregates: cli.max_aggregates_per_request,
+                max_aliases: cli.max_aliases,
+                max_directives_per_field: cli.max_directives_per_field,
+                max_recursive_depth: cli.max_recursive_depth,
+                max_tokens: cli.max_tokens,
+                allow_batched_requests: cli.allow_batched_requests,
+                csrf_required_headers: cli.csrf_prevention.then(|| {
+                    cli.csrf_required_headers
+                        .split(',')
+                        .map(|h| h.trim().to_ascii_lowercase())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                }),
             },
+            auth,
             request_timeout: Duration::from_secs(cli.request_timeout_secs),
             catalog_refresh: Duration::from_secs(cli.catalog_refresh_secs),
             instance_id: cli
@@ -414,8 +602,9 @@ impl Config {
             telemetry: TelemetrySettings {
                 log_filter: cli.rust_log,
                 log_format: cli.log_format,
-                otlp_endpoint: cli.otel_exporter_otlp_endpoint.filter(|e| !e.is_empty()),
+                otlp,
                 service_name: cli.otel_service_name,
+                trace_customer_ids: cli.trace_customer_ids,
             },
         })
     }
@@ -433,6 +622,33 @@ fn positive(variable: &'static str, value: u64) -> Result<(), ConfigError> {
     } else {
         Ok(())
     }
+}
+
+fn parse_otlp(endpoint: &str, protocol: Option<&str>) -> Result<OtlpExport, ConfigError> {
+    let url = reqwest::Url::parse(endpoint).map_err(|err| {
+        bad(
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("`{endpoint}` is not a URL: {err}"),
+        )
+    })?;
+    let protocol = match protocol.map(str::trim) {
+        Some("grpc") => OtlpProtocol::Grpc,
+        Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+        Some(other) if !other.is_empty() => {
+            return Err(bad(
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                format!("`{other}` is not supported; use grpc or http/protobuf"),
+            ));
+        }
+        _ if url.port() == Some(4318) || url.path().ends_with("/v1/traces") => {
+            OtlpProtocol::HttpProtobuf
+        }
+        _ => OtlpProtocol::Grpc,
+    };
+    Ok(OtlpExport {
+        endpoint: endpoint.to_owned(),
+        protocol,
+    })
 }
 
 fn parse_bi_url(url: &str) -> Result<String, ConfigError> {
@@ -477,6 +693,19 @@ mod tests {
             (&["--bi-row-limit", "60000"], "BI_ROW_LIMIT"),
             (&["--bi-customer-member", "customer"], "BI_CUSTOMER_MEMBER"),
             (&["--cache-namespace", "a b"], "CACHE_NAMESPACE"),
+            (
+                &["--otel-exporter-otlp-endpoint", "nope"],
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                &[
+                    "--otel-exporter-otlp-endpoint",
+                    "http://c:4317",
+                    "--otel-exporter-otlp-protocol",
+                    "http/json",
+                ],
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+            ),
         ];
         for (args, variable) in cases {
             let err = parse(args).expect_err("must be rejected");

@@ -21,20 +21,67 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::aggregate::Aggregator;
+use crate::auth::{Authenticator, Identity};
 use crate::bi::BiClient;
-use crate::graphql::{AggregateLoader, GatewaySchema, classify_request_errors};
-use crate::telemetry::names;
+use crate::config::GraphqlLimits;
+use crate::graphql::limits::{DocumentLimits, LimitError, check_document, check_tokens};
+use crate::graphql::{AggregateLoader, ErrorCode, GatewaySchema, classify_request_errors};
+use crate::telemetry::{self, names};
+use tracing::Instrument;
 
 /// Everything the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub schema: GatewaySchema,
+    /// The same schema without field suggestions, for unauthenticated callers.
+    pub schema_without_suggestions: GatewaySchema,
+    /// `None` when authentication is off.
+    pub authenticator: Option<Arc<Authenticator>>,
+    pub limits: GraphqlLimits,
     pub aggregator: Arc<Aggregator>,
     pub bi: BiClient,
     pub metrics: PrometheusHandle,
     pub request_timeout: Duration,
     pub instance_id: Arc<str>,
     pub documents: DocumentCache,
+    pub operations: OperationNames,
+}
+
+impl AppState {
+    fn identify(&self, headers: &HeaderMap) -> Identity {
+        match &self.authenticator {
+            Some(authenticator) => authenticator.identify(headers),
+            None => Identity::Open,
+        }
+    }
+}
+
+/// Operation names as metric labels, bounded: clients choose the names, so
+/// past a fixed number of distinct ones the rest are counted as `other`.
+#[derive(Clone, Default)]
+pub struct OperationNames {
+    seen: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl OperationNames {
+    const MAX: usize = 200;
+
+    fn label(&self, name: Option<&str>) -> String {
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            return "anonymous".to_owned();
+        };
+        let well_formed =
+            name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !well_formed {
+            return "other".to_owned();
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(name) || (seen.len() < Self::MAX && seen.insert(name.to_owned())) {
+            name.to_owned()
+        } else {
+            "other".to_owned()
+        }
+    }
 }
 
 /// Parsed GraphQL documents by their text. Dashboards send the same few
@@ -89,18 +136,86 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
-async fn graphql_post(State(state): State<AppState>, body: Bytes) -> Response {
+/// Most operations in one JSON batch, when batches are allowed: each
+/// document is limited on its own, so the batch size bounds the total.
+const MAX_BATCH_OPERATIONS: usize = 10;
+
+async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = csrf_check(&state, &headers) {
+        return refused;
+    }
+    let identity = state.identify(&headers);
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        return request_error(
-            "batched operations (a JSON array) are not supported; send one operation per request",
-        );
+        if !state.limits.allow_batched_requests {
+            return request_error(
+                "batched operations (a JSON array) are not enabled; send one operation per request",
+            );
+        }
+        let requests = match serde_json::from_slice::<Vec<async_graphql::Request>>(&body) {
+            Ok(requests) if requests.len() <= MAX_BATCH_OPERATIONS => requests,
+            Ok(_) => {
+                return request_error(&format!(
+                    "a batch may hold at most {MAX_BATCH_OPERATIONS} operations"
+                ));
+            }
+            Err(err) => return request_error(&format!("the body is not a GraphQL batch: {err}")),
+        };
+        let responses = futures_util::future::join_all(
+            requests
+                .into_iter()
+                .map(|request| execute(&state, &headers, identity.clone(), request)),
+        )
+        .await;
+        return with_degraded_flag(&state, Json(responses).into_response());
     }
     match serde_json::from_slice::<async_graphql::Request>(&body) {
-        Ok(request) => execute(&state, request).await,
+        Ok(request) => {
+            let response = execute(&state, &headers, identity, request).await;
+            with_degraded_flag(&state, Json(response).into_response())
+        }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
         )),
     }
+}
+
+/// Apollo Router's CSRF rule for POSTs: a request a browser could send
+/// cross-site without a preflight (no content type, or `text/plain`,
+/// `application/x-www-form-urlencoded`, `multipart/form-data`) must carry one
+/// of the configured headers, which a cross-site page cannot add. GET queries
+/// are left open: they carry no ambient credentials (this gateway reads none
+/// from cookies) and are bounded by the same limits and quotas.
+fn csrf_check(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let required = state.limits.csrf_required_headers.as_ref()?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        });
+    let simple = match content_type.as_deref() {
+        None | Some("") => true,
+        Some(essence) => matches!(
+            essence,
+            "text/plain" | "application/x-www-form-urlencoded" | "multipart/form-data"
+        ),
+    };
+    if !simple
+        || required
+            .iter()
+            .any(|name| headers.contains_key(name.as_str()))
+    {
+        return None;
+    }
+    Some(request_error(&format!(
+        "this request has been blocked as a potential cross-site request forgery: send it with \
+         `content-type: application/json`, or with one of these headers: {}",
+        required.join(", ")
+    )))
 }
 
 async fn graphql_get(
@@ -122,40 +237,117 @@ async fn graphql_get(
         .into_response();
     }
     match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
-        Ok(request) => execute(&state, request).await,
+        Ok(request) => {
+            let identity = state.identify(&headers);
+            let response = execute(&state, &headers, identity, request).await;
+            with_degraded_flag(&state, Json(response).into_response())
+        }
         Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
     }
 }
 
-async fn execute(state: &AppState, mut request: async_graphql::Request) -> Response {
+async fn execute(
+    state: &AppState,
+    headers: &HeaderMap,
+    identity: Identity,
+    mut request: async_graphql::Request,
+) -> async_graphql::Response {
     let started = std::time::Instant::now();
-    state.documents.prepare(&mut request);
-    let deadline = Instant::now() + state.request_timeout;
-    let loader = DataLoader::new(
-        AggregateLoader::new(Arc::clone(&state.aggregator), deadline),
-        tokio::spawn,
+    let operation = state.operations.label(request.operation_name.as_deref());
+    let span = tracing::info_span!(
+        "graphql.request",
+        otel.kind = "server",
+        otel.name = %format!("query {operation}"),
+        graphql.operation.name = %operation,
+        trace_id = tracing::field::Empty,
+        customer = tracing::field::Empty,
     );
-    let mut response = state.schema.execute(request.data(loader)).await;
-    classify_request_errors(&mut response);
-    metrics::histogram!(names::GRAPHQL_DURATION).record(started.elapsed().as_secs_f64());
+    telemetry::continue_trace(&span, headers);
+    if let Some((trace_id, _)) = telemetry::span_ids(&span) {
+        // Log lines inside this request carry it, so logs lead to the trace.
+        span.record("trace_id", trace_id);
+    }
 
-    // While Redis is down, answers come from in-process coalescing and direct
-    // BI calls: correct, but not shared across instances. Say so.
-    let degraded = state.aggregator.coordinator().describe().redis == "down";
-    if degraded {
+    let mut response = match check_limits(state, &mut request) {
+        Err(refused) => async_graphql::Response::from_errors(vec![refused]),
+        Ok(()) => {
+            let deadline = Instant::now() + state.request_timeout;
+            let loader = DataLoader::new(
+                AggregateLoader::new(
+                    Arc::clone(&state.aggregator),
+                    deadline,
+                    span.clone(),
+                    identity.clone(),
+                ),
+                tokio::spawn,
+            );
+            // Unauthenticated callers learn nothing of the schema: no
+            // introspection, no "did you mean" suggestions.
+            let schema = if identity.is_authenticated() {
+                &state.schema
+            } else {
+                request = request.disable_introspection();
+                &state.schema_without_suggestions
+            };
+            schema
+                .execute(request.data(loader).data(identity))
+                .instrument(span)
+                .await
+        }
+    };
+    classify_request_errors(&mut response);
+    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    if state.aggregator.coordinator().describe().redis == "down" {
         response.extensions.insert(
             "degraded".to_owned(),
             async_graphql::Value::from("redis-unavailable"),
         );
     }
-    let mut http_response = Json(response).into_response();
-    if degraded {
-        http_response.headers_mut().insert(
+    response
+}
+
+/// The cost limits async-graphql does not check: tokens before parsing, then
+/// `aggregate` fields and aliases in the parsed (cached) document.
+fn check_limits(
+    state: &AppState,
+    request: &mut async_graphql::Request,
+) -> Result<(), async_graphql::ServerError> {
+    let refuse = |err: LimitError| {
+        let mut error = async_graphql::ServerError::new(err.to_string(), None);
+        error
+            .extensions
+            .get_or_insert_with(Default::default)
+            .set("code", ErrorCode::QueryTooComplex.as_str());
+        error
+    };
+    check_tokens(&request.query, state.limits.max_tokens).map_err(refuse)?;
+    state.documents.prepare(request);
+    if let Ok(document) = request.parsed_query() {
+        check_document(
+            document,
+            DocumentLimits {
+                max_aggregates: state.limits.max_aggregates,
+                max_aliases: state.limits.max_aliases,
+                // Each field counts 1 in async-graphql's complexity too.
+                max_fields: state.limits.max_complexity,
+            },
+        )
+        .map_err(refuse)?;
+    }
+    Ok(())
+}
+
+/// While Redis is down, answers come from in-process coalescing and direct
+/// BI calls: correct, but not shared across instances. Say so.
+fn with_degraded_flag(state: &AppState, mut response: Response) -> Response {
+    if state.aggregator.coordinator().describe().redis == "down" {
+        response.headers_mut().insert(
             DEGRADED_HEADER,
             header::HeaderValue::from_static("redis-unavailable"),
         );
     }
-    http_response
+    response
 }
 
 /// Set on GraphQL responses served while Redis is unavailable.

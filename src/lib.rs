@@ -16,6 +16,7 @@
 //! `ARCHITECTURE.md` has the bird's-eye view and the invariants.
 
 pub mod aggregate;
+pub mod auth;
 pub mod bi;
 pub mod cache;
 pub mod catalog;
@@ -34,6 +35,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::aggregate::{Aggregator, AggregatorSettings};
+use crate::auth::Authenticator;
 use crate::bi::{BiClient, BiError, BiSettings};
 use crate::catalog::CatalogStore;
 use crate::coalesce::{Coordinator, LocalCoordinator, RedisCoordinator, RedisSettings};
@@ -50,6 +52,8 @@ pub enum StartError {
     Bi(#[from] BiError),
     #[error("REDIS_URL: {0}")]
     Redis(String),
+    #[error("{0}")]
+    Auth(String),
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
 }
@@ -142,25 +146,58 @@ pub async fn run(
         Arc::clone(&catalog).refresh_forever(bi.clone(), config.catalog_refresh),
     ));
 
-    let planner = Planner::new(config.planner.clone(), &base_url);
-    let schema = graphql::build_schema(
-        SchemaContext {
-            aggregator: Arc::clone(&aggregator),
-            planner,
-            limits: config.query.clone(),
-            catalog,
-            bi: bi.clone(),
-        },
-        &config.graphql,
+    let authenticator = match &config.auth {
+        Some(settings) => Some(Arc::new(
+            Authenticator::new(settings).map_err(|err| StartError::Auth(err.to_string()))?,
+        )),
+        None => {
+            tracing::warn!(
+                "authentication is off: every caller may query every customer (set AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY_FILE or AUTH_API_KEYS_FILE)"
+            );
+            None
+        }
+    };
+
+    // What makes the same question mean something else: which BI answers it,
+    // and with which credentials (a Cube token carries a security context).
+    // The embedded simulator is one BI whatever its port, so instances
+    // without BI_URL still share entries through Redis.
+    let bi_identity = match &config.bi {
+        BiTarget::Remote { base_url } => base_url.as_str(),
+        BiTarget::Embedded { .. } => "embedded-simulator",
+    };
+    let token_fingerprint = config
+        .bi_client
+        .token
+        .as_deref()
+        .map(auth::sha256_hex)
+        .unwrap_or_default();
+    let planner = Planner::new(
+        config.planner.clone(),
+        &format!("{bi_identity}\n{token_fingerprint}"),
     );
+    let context = SchemaContext {
+        aggregator: Arc::clone(&aggregator),
+        planner,
+        limits: config.query.clone(),
+        catalog,
+        bi: bi.clone(),
+        trace_customer_ids: config.telemetry.trace_customer_ids,
+    };
+    let schema = graphql::build_schema(context.clone(), &config.graphql, true);
+    let schema_without_suggestions = graphql::build_schema(context, &config.graphql, false);
     let state = http::AppState {
         schema,
+        schema_without_suggestions,
+        authenticator,
+        limits: config.graphql.clone(),
         aggregator,
         bi,
         metrics: telemetry::metrics_handle(),
         request_timeout: config.request_timeout,
         instance_id: config.instance_id.as_str().into(),
         documents: http::DocumentCache::default(),
+        operations: http::OperationNames::default(),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 

@@ -9,10 +9,14 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::from_env_or_exit();
-    analytics_gateway::telemetry::init_logging(&config.telemetry);
+    let telemetry = analytics_gateway::telemetry::init(&config.telemetry, &config.instance_id);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("GATEWAY_LISTEN: cannot listen on {}", config.listen))?;
-    analytics_gateway::run(config, listener, analytics_gateway::shutdown_signal()).await?;
+    let served =
+        analytics_gateway::run(config, listener, analytics_gateway::shutdown_signal()).await;
+    // Spans of the last requests are still queued: export them before exiting.
+    telemetry.shutdown().await;
+    served?;
     Ok(())
 }

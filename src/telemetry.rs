@@ -1,14 +1,28 @@
 //! Logs, traces and metrics: set up once per process, named in one place.
+//!
+//! Span names: `graphql.request` (exported as `query <operation>`), `dataloader.batch`,
+//! `cache.lookup`, `aggregate.produce`, `coalesce.lead_or_wait`, `redis.lock`,
+//! `bi.call` (one per HTTP request to the BI).
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
-use crate::config::{LogFormat, TelemetrySettings};
+use crate::config::{LogFormat, OtlpExport, OtlpProtocol, TelemetrySettings};
 
 /// Metric names, following Prometheus conventions (`_total` counters, base units).
 pub mod names {
@@ -22,7 +36,8 @@ pub mod names {
     pub const CACHE_LOOKUPS: &str = "cache_lookups_total";
     /// Answers served from a remembered BI error.
     pub const NEGATIVE_CACHE_HITS: &str = "cache_negative_hits_total";
-    /// Time a request waited for a BI call that another request made.
+    /// Time a request waited for another request's flight in this process, by
+    /// `outcome` (answer, error, timeout).
     pub const COALESCE_WAIT: &str = "coalesce_wait_duration_seconds";
     /// HTTP requests served, by `route`, `method` and `status`.
     pub const HTTP_DURATION: &str = "http_server_request_duration_seconds";
@@ -48,30 +63,151 @@ const DURATION_BUCKETS: &[f64] = &[
     60.0,
 ];
 
-/// Installs the log subscriber. Safe to call more than once (later calls are ignored).
-pub fn init_logging(settings: &TelemetrySettings) {
-    let filter =
+/// The installed telemetry; [`Telemetry::shutdown`] flushes the spans still queued.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// Installs logs and, when an OTLP endpoint is configured, span export.
+/// Call once, inside the tokio runtime (the gRPC exporter needs it).
+pub fn init(settings: &TelemetrySettings, instance_id: &str) -> Telemetry {
+    // W3C `traceparent`, in and out; without a global propagator nothing is injected.
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let provider = settings.otlp.as_ref().and_then(|otlp| {
+        match tracer_provider(otlp, &settings.service_name, instance_id) {
+            Ok(provider) => Some(provider),
+            Err(err) => {
+                eprintln!(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT: cannot export spans ({err}); continuing without"
+                );
+                None
+            }
+        }
+    });
+
+    let log_filter =
         EnvFilter::try_new(&settings.log_filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let registry = tracing_subscriber::registry();
-    let result = match settings.log_format {
-        LogFormat::Text => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(ansi)
-                    .with_filter(filter),
-            )
-            .try_init(),
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_filter(filter),
-            )
-            .try_init(),
+    let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = Vec::new();
+    layers.push(match settings.log_format {
+        LogFormat::Text => fmt::layer().with_ansi(ansi).with_filter(log_filter).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_filter(log_filter)
+            .boxed(),
+    });
+    if let Some(provider) = &provider {
+        // Its own filter: the log level must not decide which spans are exported.
+        let spans = Targets::new().with_target("analytics_gateway", tracing::Level::INFO);
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("analytics-gateway"))
+                .with_filter(spans)
+                .boxed(),
+        );
+    }
+    // A second call (tests starting several gateways in one process) keeps the first subscriber.
+    let _ = tracing_subscriber::registry().with(layers).try_init();
+    Telemetry { provider }
+}
+
+impl Telemetry {
+    /// Exports what is still queued. The SDK blocks while it flushes, so it
+    /// runs on the blocking pool rather than stalling a runtime thread.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.provider {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(err)) = flushed {
+                eprintln!("could not flush the last spans: {err}");
+            }
+        }
+    }
+}
+
+fn tracer_provider(
+    otlp: &OtlpExport,
+    service_name: &str,
+    instance_id: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    // A collector that is slow or down must never hold up requests: spans go
+    // through the SDK's bounded batch queue (dropped when full), exported
+    // from its own thread with this timeout.
+    const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
+    let exporter = match otlp.protocol {
+        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(otlp.endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()?,
+        OtlpProtocol::HttpProtobuf => {
+            // An endpoint set in code is used as is: the signal path must be on it.
+            let endpoint = if otlp.endpoint.ends_with("/v1/traces") {
+                otlp.endpoint.clone()
+            } else {
+                format!("{}/v1/traces", otlp.endpoint.trim_end_matches('/'))
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(endpoint)
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?
+        }
     };
-    drop(result);
+    let resource = Resource::builder()
+        .with_service_name(service_name.to_owned())
+        .with_attributes([
+            KeyValue::new("service.instance.id", instance_id.to_owned()),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+        ])
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
+}
+
+/// The trace and span ids of `span` as hex, when it is being exported.
+pub fn span_ids(span: &tracing::Span) -> Option<(String, String)> {
+    let context = span.context();
+    let span_ref = context.span();
+    let ids = span_ref.span_context();
+    ids.is_valid()
+        .then(|| (ids.trace_id().to_string(), ids.span_id().to_string()))
+}
+
+/// Links `span` to another span, by hex ids (as stored with cache entries).
+pub fn link_to(span: &tracing::Span, trace_id: &str, span_id: &str) {
+    let (Ok(trace_id), Ok(span_id)) = (TraceId::from_hex(trace_id), SpanId::from_hex(span_id))
+    else {
+        return;
+    };
+    span.add_link(SpanContext::new(
+        trace_id,
+        span_id,
+        TraceFlags::SAMPLED,
+        true,
+        TraceState::default(),
+    ));
+}
+
+/// Makes `span` a child of the trace named by incoming `traceparent` headers.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    });
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Adds the current span's `traceparent` to outgoing headers.
+pub fn inject_trace(headers: &mut http::HeaderMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
+    });
 }
 
 /// The process-wide Prometheus recorder. The `metrics` facade has one global

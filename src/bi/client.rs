@@ -79,6 +79,21 @@ impl BiError {
     }
 }
 
+/// The rows of a successful BI call, one list per query, and which call it was.
+#[derive(Debug, Clone)]
+pub struct BiAnswer {
+    pub rows: Vec<Vec<Row>>,
+    /// The `bi.call` span that got the answer, when spans are exported.
+    pub call: Option<CallRef>,
+}
+
+/// Hex ids of one exported `bi.call` span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRef {
+    pub trace_id: String,
+    pub span_id: String,
+}
+
 /// A cheap handle on one pooled HTTP client.
 #[derive(Clone)]
 pub struct BiClient {
@@ -90,6 +105,9 @@ struct Inner {
     load_url: String,
     meta_url: String,
     token: Option<HeaderValue>,
+    /// Host and port of the BI, for the semantic-convention span attributes.
+    server_address: String,
+    server_port: i64,
     timeout: Duration,
     continue_wait_delay: Duration,
 }
@@ -142,9 +160,13 @@ impl BiClient {
             .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|err| BiError::Unreachable(err.to_string()))?;
+        let url = reqwest::Url::parse(&settings.base_url)
+            .map_err(|err| BiError::Unreachable(format!("BI_URL is not a URL: {err}")))?;
         Ok(BiClient {
             inner: Arc::new(Inner {
                 http,
+                server_address: url.host_str().unwrap_or_default().to_owned(),
+                server_port: url.port_or_known_default().map_or(0, i64::from),
                 load_url: format!("{}/load", settings.base_url),
                 meta_url: format!("{}/meta", settings.base_url),
                 token,
@@ -158,16 +180,21 @@ impl BiClient {
     /// caller keeps a batch within Cube's blending rules) and returns their
     /// rows in order. Batched rows lose the `time.<granularity>` key that Cube
     /// adds only to batches, so rows never depend on how they were fetched.
-    pub async fn load(&self, queries: &[&CubeQuery]) -> Result<Vec<Vec<Row>>, BiError> {
+    pub async fn load(&self, queries: &[&CubeQuery]) -> Result<BiAnswer, BiError> {
         let result = self.load_inner(queries).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!(names::BI_QUERIES, "outcome" => outcome).increment(queries.len() as u64);
         result
     }
 
-    async fn load_inner(&self, queries: &[&CubeQuery]) -> Result<Vec<Vec<Row>>, BiError> {
+    async fn load_inner(&self, queries: &[&CubeQuery]) -> Result<BiAnswer, BiError> {
         let body = match queries {
-            [] => return Ok(Vec::new()),
+            [] => {
+                return Ok(BiAnswer {
+                    rows: Vec::new(),
+                    call: None,
+                });
+            }
             [single] => serde_json::to_vec(&SingleBody { query: single }),
             many => serde_json::to_vec(&MultiBody {
                 query_type: "multi",
@@ -188,19 +215,28 @@ impl BiClient {
                 http.request.method = "POST",
                 url.full = %self.inner.load_url,
                 http.response.status_code = Empty,
-                bi.query_count = queries.len(),
+                bi.query_count = queries.len() as i64,
+                server.address = %self.inner.server_address,
+                server.port = self.inner.server_port,
                 bi.members = %members,
                 bi.date_ranges = %date_ranges,
                 bi.round = round,
                 bi.response_bytes = Empty,
                 error.type = Empty,
+                otel.status_code = Empty,
             );
             let attempt = self
                 .send_load(body.clone(), deadline)
-                .instrument(span)
+                .instrument(span.clone())
                 .await;
             match attempt {
-                Attempt::Answered(response) => return split_answer(response, queries),
+                Attempt::Answered(response) => {
+                    return Ok(BiAnswer {
+                        rows: split_answer(response, queries)?,
+                        call: crate::telemetry::span_ids(&span)
+                            .map(|(trace_id, span_id)| CallRef { trace_id, span_id }),
+                    });
+                }
                 Attempt::ContinueWait => {
                     if Instant::now() + self.inner.continue_wait_delay >= deadline {
                         return Err(BiError::Timeout(self.inner.timeout));
@@ -241,7 +277,9 @@ impl BiClient {
             Attempt::Failed(err) => err.kind(),
         };
         if outcome != "ok" && outcome != "continue_wait" {
-            tracing::Span::current().record("error.type", outcome);
+            let span = tracing::Span::current();
+            span.record("error.type", outcome);
+            span.record("otel.status_code", "error");
         }
         metrics::counter!(names::BI_HTTP_REQUESTS, "outcome" => outcome).increment(1);
         metrics::histogram!(names::BI_HTTP_DURATION, "outcome" => outcome)
@@ -251,10 +289,14 @@ impl BiClient {
 
     async fn send_load_untimed(&self, body: bytes::Bytes, deadline: Instant) -> Attempt {
         let span = tracing::Span::current();
+        let mut headers = reqwest::header::HeaderMap::new();
+        // A BI that traces joins this trace: its work appears under `bi.call`.
+        crate::telemetry::inject_trace(&mut headers);
         let mut request = self
             .inner
             .http
             .post(&self.inner.load_url)
+            .headers(headers)
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(token) = &self.inner.token {
@@ -268,7 +310,7 @@ impl BiClient {
             Ok(Ok(response)) => response,
         };
         let status = response.status();
-        span.record("http.response.status_code", status.as_u16());
+        span.record("http.response.status_code", i64::from(status.as_u16()));
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
@@ -280,14 +322,18 @@ impl BiClient {
             Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(describe(&err))),
             Ok(Ok(bytes)) => bytes,
         };
-        span.record("bi.response_bytes", bytes.len());
+        span.record("bi.response_bytes", bytes.len() as i64);
 
         if status == StatusCode::TOO_MANY_REQUESTS {
             return Attempt::RateLimited(retry_after);
         }
         if status.is_server_error() {
-            // Only at debug level: 5xx bodies can carry SQL and credentials.
-            tracing::debug!(status = status.as_u16(), body = %String::from_utf8_lossy(&bytes), "BI server error body");
+            // Never the body itself, anywhere: 5xx bodies can carry SQL and credentials.
+            tracing::warn!(
+                status = status.as_u16(),
+                body_bytes = bytes.len(),
+                "the BI failed on its side; see the BI's own logs for why"
+            );
             return Attempt::Failed(BiError::Failed {
                 status: status.as_u16(),
             });

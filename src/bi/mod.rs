@@ -6,4 +6,4 @@
 pub mod client;
 pub mod protocol;
 
-pub use client::{BiClient, BiError, BiSettings};
+pub use client::{BiAnswer, BiClient, BiError, BiSettings, CallRef};

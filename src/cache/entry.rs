@@ -24,9 +24,12 @@ pub struct Entry {
     pub expires_at_ms: u64,
     /// The instance whose BI call produced the rows.
     pub producer: String,
-    /// The trace of the BI call that produced the rows, when traces are exported.
+    /// The trace and span of the `bi.call` that produced the rows, when
+    /// traces are exported: answers served from this entry link to it.
     #[serde(default)]
     pub trace_id: Option<String>,
+    #[serde(default)]
+    pub span_id: Option<String>,
     /// The row limit the query was sent with: as many rows as this means
     /// the BI may have cut the answer.
     pub row_limit: u32,
@@ -41,8 +44,18 @@ impl Entry {
             expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
             producer: producer.to_owned(),
             trace_id: None,
+            span_id: None,
             row_limit,
         }
+    }
+
+    /// Records which `bi.call` produced the rows.
+    pub fn produced_by_call(mut self, call: Option<&crate::bi::CallRef>) -> Entry {
+        if let Some(call) = call {
+            self.trace_id = Some(call.trace_id.clone());
+            self.span_id = Some(call.span_id.clone());
+        }
+        self
     }
 
     /// Whether the BI may have dropped rows past the limit.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Coordinator, CoordinatorStatus, LeadOrWait, Lease, Origin};
+use super::{Coordinator, CoordinatorStatus, LeadOrWait, Lease, LocalCounters, Origin};
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
 
@@ -15,6 +15,7 @@ use crate::query::CacheKey;
 pub struct LocalCoordinator {
     memory: MemoryCache,
     negative_ttl: Duration,
+    counters: LocalCounters,
 }
 
 impl LocalCoordinator {
@@ -22,6 +23,7 @@ impl LocalCoordinator {
         LocalCoordinator {
             memory: MemoryCache::new(max_bytes),
             negative_ttl,
+            counters: LocalCounters::default(),
         }
     }
 }
@@ -60,6 +62,10 @@ impl Coordinator for LocalCoordinator {
         let negative = NegativeEntry::new(error, self.negative_ttl);
         self.memory
             .insert(lease.key, Cached::Error(Arc::new(negative)));
+    }
+
+    async fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration) {
+        self.counters.count(name, amount, window)
     }
 
     fn describe(&self) -> CoordinatorStatus {

@@ -14,13 +14,16 @@ mod flights;
 mod local;
 pub mod redis;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 pub use flights::{FlightLead, FlightWatch, Flights, Joined, Origin, Resolved};
 pub use local::LocalCoordinator;
+pub use redis::KeyLayout;
 pub use redis::{RedisCoordinator, RedisSettings};
 
 use crate::cache::{AnswerError, Cached, Entry};
@@ -66,8 +69,47 @@ pub trait Coordinator: Send + Sync + 'static {
     /// gives up the lease.
     async fn fail(&self, lease: Lease, error: AnswerError);
 
+    /// Adds `amount` to the counter `name` in the current fixed window of
+    /// length `window` (shared by all instances when the store is shared).
+    /// Returns the window's total so far and the time left in the window.
+    async fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration);
+
     /// How the coordinator is doing, for readiness reports.
     fn describe(&self) -> CoordinatorStatus;
+}
+
+/// Fixed-window counters in process memory: the embedded store of
+/// [`Coordinator::count`], and the fallback of shared ones.
+#[derive(Default)]
+pub struct LocalCounters {
+    windows: Mutex<HashMap<String, (u64, u64)>>,
+}
+
+impl LocalCounters {
+    pub fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration) {
+        let (index, left) = window_position(window);
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        // Forget past windows now and then, so the map stays small.
+        if windows.len() > 10_000 {
+            windows.retain(|_, (at, _)| *at == index);
+        }
+        let slot = windows.entry(name.to_owned()).or_insert((index, 0));
+        if slot.0 != index {
+            *slot = (index, 0);
+        }
+        slot.1 += amount;
+        (slot.1, left)
+    }
+}
+
+/// The index of the current window of length `window`, and the time left in it.
+pub fn window_position(window: Duration) -> (u64, Duration) {
+    let window_ms = (window.as_millis() as u64).max(1);
+    let now = crate::cache::unix_millis();
+    (
+        now / window_ms,
+        Duration::from_millis(window_ms - now % window_ms),
+    )
 }
 
 /// How a coordinator is doing, for `/readyz`.

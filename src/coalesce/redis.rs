@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::{Coordinator, CoordinatorStatus, LeadOrWait, Lease, Origin};
 use crate::cache::{
@@ -82,6 +84,9 @@ end
 return 0
 ";
 
+/// What `settle` makes of a fill that succeeded on its second attempt.
+const RETRIED: i64 = -1;
+
 /// Extends the lock `KEYS[1]` to `ARGV[2]` ms while it holds token `ARGV[1]`.
 const RENEW_SCRIPT: &str = r"
 if redis.call('get', KEYS[1]) == ARGV[1] then
@@ -100,7 +105,7 @@ return 0
 
 /// Names of everything this coordinator keeps in Redis.
 #[derive(Debug, Clone)]
-struct KeyLayout {
+pub struct KeyLayout {
     prefix: String,
     db: i64,
 }
@@ -117,6 +122,9 @@ impl KeyLayout {
     }
     fn cooldown(&self) -> String {
         format!("{}:bi-cooldown", self.prefix)
+    }
+    fn counter(&self, name: &str, window_index: u64) -> String {
+        format!("{}:count:{name}:{window_index}", self.prefix)
     }
     fn keyspace_channel(&self, redis_key: &str) -> String {
         format!("__keyspace@{}__:{redis_key}", self.db)
@@ -144,7 +152,13 @@ fn hash_of_channel(channel: &str) -> Option<&str> {
 struct Health {
     up: AtomicBool,
     keyspace_notifications: AtomicBool,
+    /// Failed commands since the last successful ping.
+    failures: std::sync::atomic::AtomicU32,
 }
+
+/// A loaded process can miss one command's timeout without Redis being down:
+/// degrade only after this many failures between two successful pings.
+const FAILURES_BEFORE_DEGRADING: u32 = 3;
 
 impl Health {
     fn set_up(&self, up: bool) {
@@ -161,6 +175,17 @@ impl Health {
     fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
+    fn command_failed(&self) {
+        if self.failures.fetch_add(1, Ordering::Relaxed) + 1 >= FAILURES_BEFORE_DEGRADING {
+            self.set_up(false);
+        }
+    }
+    fn ping_answered(&self, up: bool) {
+        if up {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        self.set_up(up);
+    }
 }
 
 pub struct RedisCoordinator {
@@ -169,6 +194,8 @@ pub struct RedisCoordinator {
     subscriptions: Arc<Subscriptions>,
     health: Arc<Health>,
     memory: MemoryCache,
+    /// Counters while Redis is down: per instance, better than none.
+    counters: super::LocalCounters,
     settings: RedisSettings,
     fill: Script,
     renew: Script,
@@ -240,6 +267,7 @@ impl RedisCoordinator {
             subscriptions,
             health: Arc::clone(&health),
             memory: MemoryCache::new(settings.memory_max_bytes),
+            counters: super::LocalCounters::default(),
             settings,
             fill: Script::new(FILL_SCRIPT),
             renew: Script::new(RENEW_SCRIPT),
@@ -259,7 +287,7 @@ impl RedisCoordinator {
     /// One PING at start, so that the first requests know where they stand.
     async fn check_connection(&self) {
         let up = ping(&mut self.commands.clone(), self.settings.command_timeout).await;
-        self.health.set_up(up);
+        self.health.ping_answered(up);
         if up {
             let keyspace = ensure_notifications(&mut self.commands.clone(), &self.settings).await;
             self.health
@@ -276,7 +304,7 @@ impl RedisCoordinator {
     /// degraded mode until the pinger sees Redis again.
     fn redis_failed(&self, what: &str, err: &redis::RedisError) {
         tracing::warn!(error = %err, "Redis {what} failed");
-        self.health.set_up(false);
+        self.health.command_failed();
     }
 
     fn degraded_lease(&self, key: &CacheKey) -> Lease {
@@ -293,6 +321,7 @@ impl RedisCoordinator {
             self.settings.instance_id,
             uuid::Uuid::new_v4().simple()
         );
+        let span = tracing::info_span!("redis.lock", lock.result = Empty);
         let reply: Option<String> = redis::cmd("SET")
             .arg(self.layout.lock(key))
             .arg(&token)
@@ -300,8 +329,10 @@ impl RedisCoordinator {
             .arg("PX")
             .arg(self.settings.lock_ttl.as_millis() as u64)
             .query_async(&mut self.conn())
+            .instrument(span.clone())
             .await?;
         let won = reply.is_some();
+        span.record("lock.result", if won { "won" } else { "lost" });
         metrics::counter!(names::LOCK_ATTEMPTS, "result" => if won { "won" } else { "lost" })
             .increment(1);
         Ok(won.then_some(token))
@@ -386,7 +417,10 @@ impl RedisCoordinator {
     }
 
     /// Writes `stored` and releases the lease's lock, if it still owns it.
-    async fn settle(&self, lease: &Lease, stored: &Stored, ttl_ms: u64) {
+    async fn settle(&self, mut lease: Lease, stored: &Stored, ttl_ms: u64) {
+        // Stop renewing first: a renewal racing the fill would find the lock
+        // gone and report it lost.
+        drop(lease.keep_alive.take());
         if lease.token.is_empty() || !self.health.is_up() {
             return;
         }
@@ -397,18 +431,21 @@ impl RedisCoordinator {
                 return;
             }
         };
-        let written: Result<i64, _> = self
-            .fill
-            .key(self.layout.lock(&lease.key))
-            .key(self.layout.value(&lease.key))
-            .arg(&lease.token)
-            .arg(payload)
-            .arg(ttl_ms.max(1))
-            .arg(self.layout.done_channel(&lease.key))
-            .invoke_async(&mut self.conn())
-            .await;
+        let mut written = self.run_fill(&lease, &payload, ttl_ms).await;
+        if let Err(err) = &written {
+            // Once more: the fill is conditional on the token, so a first
+            // attempt that did land makes the second a harmless no-op.
+            tracing::info!(error = %err, key = lease.key.short(), "storing the answer failed; trying once more");
+            written = self
+                .run_fill(&lease, &payload, ttl_ms)
+                .await
+                .map(|_| RETRIED);
+        }
         match written {
             Ok(1) => {}
+            // After a retry, either it stored the answer or the first attempt
+            // had (and released the lock): a lost lock cannot be told apart.
+            Ok(RETRIED) => {}
             Ok(_) => {
                 tracing::warn!(
                     key = lease.key.short(),
@@ -418,6 +455,23 @@ impl RedisCoordinator {
             }
             Err(err) => self.redis_failed("fill", &err),
         }
+    }
+
+    async fn run_fill(
+        &self,
+        lease: &Lease,
+        payload: &[u8],
+        ttl_ms: u64,
+    ) -> redis::RedisResult<i64> {
+        self.fill
+            .key(self.layout.lock(&lease.key))
+            .key(self.layout.value(&lease.key))
+            .arg(&lease.token)
+            .arg(payload)
+            .arg(ttl_ms.max(1))
+            .arg(self.layout.done_channel(&lease.key))
+            .invoke_async(&mut self.conn())
+            .await
     }
 
     async fn release(&self, key: &CacheKey, token: &str) {
@@ -439,63 +493,11 @@ impl RedisCoordinator {
     }
 }
 
-#[async_trait]
-impl Coordinator for RedisCoordinator {
-    fn peek(&self, key: &CacheKey) -> Option<Cached> {
-        if self.settings.local_cache || !self.health.is_up() {
-            self.memory.get(key)
-        } else {
-            None
-        }
-    }
-
-    async fn lookup(&self, keys: &[CacheKey]) -> Vec<Option<Cached>> {
-        let mut found: Vec<Option<Cached>> = keys.iter().map(|key| self.peek(key)).collect();
-        if !self.health.is_up() || found.iter().all(Option::is_some) {
-            return found;
-        }
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
-        let mut command = redis::cmd("MGET");
-        for &i in &missing {
-            command.arg(self.layout.value(&keys[i]));
-        }
-        command.arg(self.layout.cooldown());
-        let values: Vec<Option<Vec<u8>>> = match command.query_async(&mut self.conn()).await {
-            Ok(values) => values,
-            Err(err) => {
-                self.redis_failed("lookup", &err);
-                return found;
-            }
-        };
-        let cooldown_until = values
-            .last()
-            .cloned()
-            .flatten()
-            .and_then(|bytes| String::from_utf8(bytes).ok())
-            .and_then(|text| text.parse::<u64>().ok())
-            .filter(|&until| until > unix_millis());
-        for (&i, value) in missing.iter().zip(values) {
-            found[i] = value.and_then(|bytes| self.decode(&keys[i], &bytes));
-            if found[i].is_none()
-                && let Some(until) = cooldown_until
-            {
-                // The BI asked every instance to back off: no call before it ends.
-                let retry_after_secs = (until - unix_millis()).div_ceil(1000);
-                found[i] = Some(Cached::Error(Arc::new(NegativeEntry {
-                    error: AnswerError {
-                        kind: AnswerErrorKind::RateLimited,
-                        message: "the BI is rate limiting; no BI calls until its cool-down ends"
-                            .into(),
-                        retry_after_secs: Some(retry_after_secs),
-                    },
-                    expires_at_ms: until,
-                })));
-            }
-        }
-        found
-    }
-
-    async fn lead_or_wait(&self, key: &CacheKey, deadline: Instant) -> LeadOrWait {
+impl RedisCoordinator {
+    /// The loop behind [`Coordinator::lead_or_wait`]: race for the lock; on
+    /// losing, register for wake-ups, look again, and wait at most as long
+    /// as the lock has left; on Redis trouble, retry briefly, then degrade.
+    async fn decide(&self, key: &CacheKey, deadline: Instant) -> LeadOrWait {
         let mut watch: Option<KeyWatch> = None;
         let mut lost_race = false;
         let mut failing_since: Option<Instant> = None;
@@ -563,6 +565,7 @@ impl Coordinator for RedisCoordinator {
                         }
                         Ok(None) | Err(_) => {
                             if lost_race {
+                                tracing::Span::current().record("takeover", true);
                                 metrics::counter!(names::TAKEOVERS).increment(1);
                                 tracing::info!(
                                     key = key.short(),
@@ -600,12 +603,93 @@ impl Coordinator for RedisCoordinator {
             }
         }
     }
+}
+
+#[async_trait]
+impl Coordinator for RedisCoordinator {
+    fn peek(&self, key: &CacheKey) -> Option<Cached> {
+        if self.settings.local_cache || !self.health.is_up() {
+            self.memory.get(key)
+        } else {
+            None
+        }
+    }
+
+    async fn lookup(&self, keys: &[CacheKey]) -> Vec<Option<Cached>> {
+        let mut found: Vec<Option<Cached>> = keys.iter().map(|key| self.peek(key)).collect();
+        if !self.health.is_up() || found.iter().all(Option::is_some) {
+            return found;
+        }
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        let mut command = redis::cmd("MGET");
+        for &i in &missing {
+            command.arg(self.layout.value(&keys[i]));
+        }
+        command.arg(self.layout.cooldown());
+        let values: Vec<Option<Vec<u8>>> = match command.query_async(&mut self.conn()).await {
+            Ok(values) => values,
+            Err(err) => {
+                self.redis_failed("lookup", &err);
+                return found;
+            }
+        };
+        let cooldown_until = values
+            .last()
+            .cloned()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .and_then(|text| text.parse::<u64>().ok())
+            .filter(|&until| until > unix_millis());
+        for (&i, value) in missing.iter().zip(values) {
+            found[i] = value.and_then(|bytes| self.decode(&keys[i], &bytes));
+            if found[i].is_none()
+                && let Some(until) = cooldown_until
+            {
+                // The BI asked every instance to back off: no call before it ends.
+                let retry_after_secs = (until - unix_millis()).div_ceil(1000);
+                found[i] = Some(Cached::Error(Arc::new(NegativeEntry {
+                    error: AnswerError {
+                        kind: AnswerErrorKind::RateLimited,
+                        message: "the BI is rate limiting; no BI calls until its cool-down ends"
+                            .into(),
+                        retry_after_secs: Some(retry_after_secs),
+                    },
+                    expires_at_ms: until,
+                })));
+            }
+        }
+        found
+    }
+
+    async fn lead_or_wait(&self, key: &CacheKey, deadline: Instant) -> LeadOrWait {
+        let span = tracing::info_span!(
+            "coalesce.lead_or_wait",
+            cache.key = key.short(),
+            outcome = Empty,
+            takeover = Empty,
+        );
+        let decision = self.decide(key, deadline).instrument(span.clone()).await;
+        span.record(
+            "outcome",
+            match &decision {
+                LeadOrWait::Lead(lease) if lease.token.is_empty() => "degraded",
+                LeadOrWait::Lead(_) => "lead",
+                LeadOrWait::Settled {
+                    origin: Origin::Found,
+                    ..
+                } => "found",
+                LeadOrWait::Settled { .. } => "value",
+                LeadOrWait::Failed(_) => "timeout",
+            },
+        );
+        decision
+    }
 
     async fn fill(&self, lease: Lease, entry: Arc<Entry>) {
         self.memory
             .insert(lease.key.clone(), Cached::Value(Arc::clone(&entry)));
         let ttl_ms = entry.expires_at_ms.saturating_sub(unix_millis());
-        self.settle(&lease, &Stored::Value((*entry).clone()), ttl_ms)
+        self.settle(lease, &Stored::Value((*entry).clone()), ttl_ms)
             .await;
     }
 
@@ -626,7 +710,25 @@ impl Coordinator for RedisCoordinator {
             }
         }
         let ttl_ms = negative.expires_at_ms.saturating_sub(unix_millis());
-        self.settle(&lease, &Stored::Error(negative), ttl_ms).await;
+        self.settle(lease, &Stored::Error(negative), ttl_ms).await;
+    }
+
+    async fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration) {
+        let (index, left) = super::window_position(window);
+        if self.health.is_up() {
+            let key = self.layout.counter(name, index);
+            let counted: Result<(u64, i64), _> = redis::pipe()
+                .atomic()
+                .incr(&key, amount)
+                .pexpire(&key, (window.as_millis() as i64) * 2)
+                .query_async(&mut self.conn())
+                .await;
+            match counted {
+                Ok((total, _)) => return (total, left),
+                Err(err) => self.redis_failed("counter", &err),
+            }
+        }
+        self.counters.count(name, amount, window)
     }
 
     fn describe(&self) -> CoordinatorStatus {
@@ -744,7 +846,7 @@ async fn watch_health(
                 .keyspace_notifications
                 .store(keyspace, Ordering::Relaxed);
         }
-        health.set_up(up);
+        health.ping_answered(up);
         let _ = ping(&mut subscriber, settings.command_timeout).await;
     }
 }

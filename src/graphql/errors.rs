@@ -2,6 +2,7 @@
 
 use async_graphql::ErrorExtensions;
 
+use crate::auth::AccessError;
 use crate::cache::{AnswerError, AnswerErrorKind};
 use crate::query::InputError;
 
@@ -15,6 +16,9 @@ pub enum ErrorCode {
     InternalServerError,
     GraphqlParseFailed,
     GraphqlValidationFailed,
+    Unauthenticated,
+    Forbidden,
+    QueryTooComplex,
 }
 
 impl ErrorCode {
@@ -27,6 +31,9 @@ impl ErrorCode {
             ErrorCode::InternalServerError => "INTERNAL_SERVER_ERROR",
             ErrorCode::GraphqlParseFailed => "GRAPHQL_PARSE_FAILED",
             ErrorCode::GraphqlValidationFailed => "GRAPHQL_VALIDATION_FAILED",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::QueryTooComplex => "QUERY_TOO_COMPLEX",
         }
     }
 }
@@ -38,12 +45,22 @@ pub enum ResolverError {
     Input(#[from] InputError),
     #[error(transparent)]
     Answer(#[from] AnswerError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 impl ErrorExtensions for ResolverError {
     fn extend(&self) -> async_graphql::Error {
         let (code, message, retry_after) = match self {
             ResolverError::Input(input) => (ErrorCode::BadUserInput, input.to_string(), None),
+            ResolverError::Access(AccessError::Unauthenticated(err)) => {
+                (ErrorCode::Unauthenticated, err.to_string(), None)
+            }
+            ResolverError::Access(AccessError::Forbidden) => (
+                ErrorCode::Forbidden,
+                AccessError::Forbidden.to_string(),
+                None,
+            ),
             ResolverError::Answer(answer) => {
                 let code = match answer.kind {
                     AnswerErrorKind::BiError => ErrorCode::BiError,
@@ -91,6 +108,13 @@ pub fn classify_request_errors(response: &mut async_graphql::Response) {
             || (message.starts_with("Variable \"") && message.contains("value"))
         {
             ErrorCode::BadUserInput
+        } else if message.contains("nested too deep")
+            || message.contains("too complex")
+            || message.contains("number of directives")
+            || message.contains("recursion depth")
+            || message.contains("recursion limit")
+        {
+            ErrorCode::QueryTooComplex
         } else if message.contains(" --> ") || message.starts_with("Parse error") {
             ErrorCode::GraphqlParseFailed
         } else {

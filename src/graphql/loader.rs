@@ -4,12 +4,17 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_graphql::dataloader::Loader;
 use tokio::time::Instant;
 
-use crate::aggregate::{Aggregator, AnswerResult};
-use crate::cache::AnswerError;
+use tracing::Instrument;
+use tracing::field::Empty;
+
+use crate::aggregate::{Aggregator, AnswerResult, CacheStatus};
+use crate::auth::Identity;
+use crate::cache::{AnswerError, AnswerErrorKind};
 use crate::query::PlannedQuery;
 
 /// One per GraphQL request, so that a batch never waits for another
@@ -18,14 +23,50 @@ use crate::query::PlannedQuery;
 pub struct AggregateLoader {
     aggregator: Arc<Aggregator>,
     deadline: Instant,
+    /// The request's span: the dataloader runs batches on a task of its own,
+    /// which would otherwise start a trace of its own.
+    request_span: tracing::Span,
+    /// Whose quota the batch's BI queries count against.
+    identity: Identity,
 }
 
+/// Quotas count BI queries per minute.
+const QUOTA_WINDOW: Duration = Duration::from_secs(60);
+
 impl AggregateLoader {
-    pub fn new(aggregator: Arc<Aggregator>, deadline: Instant) -> AggregateLoader {
+    pub fn new(
+        aggregator: Arc<Aggregator>,
+        deadline: Instant,
+        request_span: tracing::Span,
+        identity: Identity,
+    ) -> AggregateLoader {
         AggregateLoader {
             aggregator,
             deadline,
+            request_span,
+            identity,
         }
+    }
+
+    /// Counts the batch against the caller's quota (every key not answered
+    /// from process memory may cost a BI query); `Err` once it is spent.
+    async fn spend_quota(&self, queries: usize) -> Result<(), AnswerError> {
+        let Some((caller, quota)) = self.identity.quota() else {
+            return Ok(());
+        };
+        let (spent, window_left) = self
+            .aggregator
+            .coordinator()
+            .count(&format!("quota:{caller}"), queries as u64, QUOTA_WINDOW)
+            .await;
+        if spent <= quota {
+            return Ok(());
+        }
+        Err(AnswerError {
+            kind: AnswerErrorKind::RateLimited,
+            message: format!("this credential's quota of {quota} BI queries per minute is spent"),
+            retry_after_secs: Some(window_left.as_secs().max(1)),
+        })
     }
 }
 
@@ -37,7 +78,37 @@ impl Loader<PlannedQuery> for AggregateLoader {
         &self,
         keys: &[PlannedQuery],
     ) -> Result<HashMap<PlannedQuery, AnswerResult>, Infallible> {
-        let mut answers = self.aggregator.resolve(keys, self.deadline).await;
+        let span = tracing::info_span!(
+            parent: &self.request_span,
+            "dataloader.batch",
+            keys = keys.len() as i64,
+            hits = Empty,
+            misses = Empty,
+            coalesced = Empty,
+            errors = Empty,
+        );
+        if let Err(spent) = self.spend_quota(keys.len()).await {
+            return Ok(keys
+                .iter()
+                .map(|q| (q.clone(), Err(spent.clone())))
+                .collect());
+        }
+        let mut answers = self
+            .aggregator
+            .resolve(keys, self.deadline)
+            .instrument(span.clone())
+            .await;
+        // i64: tracing-opentelemetry exports unsigned integers as strings.
+        let count = |wanted: Option<CacheStatus>| {
+            answers
+                .values()
+                .filter(|a| a.as_ref().ok().map(|a| a.status) == wanted)
+                .count() as i64
+        };
+        span.record("hits", count(Some(CacheStatus::Hit)));
+        span.record("misses", count(Some(CacheStatus::Miss)));
+        span.record("coalesced", count(Some(CacheStatus::Coalesced)));
+        span.record("errors", count(None));
         Ok(keys
             .iter()
             .map(|query| {

@@ -5,6 +5,7 @@
 //! hand it to the dataloader; they never talk to Redis or the BI themselves.
 
 pub mod errors;
+pub mod limits;
 mod loader;
 mod schema;
 

@@ -11,30 +11,47 @@ use async_graphql::{
 use super::errors::ResolverError;
 use super::loader::AggregateLoader;
 use crate::aggregate::{Aggregator, Answer, CacheStatus};
+use crate::auth::{AccessError, Identity};
 use crate::bi::BiClient;
 use crate::bi::protocol::{MetaMember, Row};
 use crate::cache::{AnswerError, unix_millis};
 use crate::catalog::{Catalog, CatalogStore};
 use crate::config::{GraphqlLimits, QueryLimits};
 use crate::query::{AggregateQuery, Granularity, Planner, RawAggregate};
+use crate::telemetry;
 
 pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
 
 /// What resolvers need, shared by all requests.
+#[derive(Clone)]
 pub struct SchemaContext {
     pub aggregator: Arc<Aggregator>,
     pub planner: Planner,
     pub limits: QueryLimits,
     pub catalog: Arc<CatalogStore>,
     pub bi: BiClient,
+    /// Whether customer ids may go into span attributes (they can be personal data).
+    pub trace_customer_ids: bool,
 }
 
-pub fn build_schema(context: SchemaContext, limits: &GraphqlLimits) -> GatewaySchema {
-    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
+/// The served schema; `suggestions: false` drops "did you mean" hints from
+/// errors (for callers who must not learn the schema).
+pub fn build_schema(
+    context: SchemaContext,
+    limits: &GraphqlLimits,
+    suggestions: bool,
+) -> GatewaySchema {
+    let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
         .data(context)
         .limit_depth(limits.max_depth)
         .limit_complexity(limits.max_complexity)
-        .finish()
+        .limit_directives(limits.max_directives_per_field)
+        .limit_recursive_depth(limits.max_recursive_depth);
+    if suggestions {
+        builder.finish()
+    } else {
+        builder.disable_suggestions().finish()
+    }
 }
 
 /// The SDL of the served schema, for `schema.graphql`.
@@ -77,6 +94,11 @@ impl QueryRoot {
         input: AggregateInput,
     ) -> async_graphql::Result<AggregateResult> {
         let shared = ctx.data::<SchemaContext>()?;
+        let identity = ctx.data_opt::<Identity>().unwrap_or(&Identity::Open);
+        // Who is asking is settled before anything else, the cache included.
+        if let Identity::Unauthenticated(err) = identity {
+            return Err(ResolverError::from(AccessError::Unauthenticated(err.clone())).extend());
+        }
         let catalog = shared.catalog.get();
         let query = AggregateQuery::parse(
             RawAggregate {
@@ -91,6 +113,9 @@ impl QueryRoot {
             catalog.as_deref(),
         )
         .map_err(|err| ResolverError::from(err).extend())?;
+        identity
+            .may_query(query.customer())
+            .map_err(|err| ResolverError::from(err).extend())?;
         let planned = shared.planner.plan(&query);
 
         // Answers already in process memory skip the dataloader's batch window.
@@ -107,6 +132,18 @@ impl QueryRoot {
             }
         };
         let answer = answer.map_err(|err| ResolverError::from(err).extend())?;
+
+        // The request's span links to the BI call that paid for these rows,
+        // so an operator goes from any request to that call in one click.
+        let request_span = tracing::Span::current();
+        if answer.status != CacheStatus::Miss
+            && let (Some(trace_id), Some(span_id)) = (&answer.entry.trace_id, &answer.entry.span_id)
+        {
+            telemetry::link_to(&request_span, trace_id, span_id);
+        }
+        if shared.trace_customer_ids {
+            request_span.record("customer", query.customer());
+        }
         Ok(AggregateResult {
             answer,
             key: planned.key.short().to_owned(),
@@ -116,6 +153,9 @@ impl QueryRoot {
     /// The cubes, measures and dimensions the BI offers: what `aggregate` can ask for.
     async fn catalog(&self, ctx: &Context<'_>) -> async_graphql::Result<CatalogView> {
         let shared = ctx.data::<SchemaContext>()?;
+        if let Some(Identity::Unauthenticated(err)) = ctx.data_opt::<Identity>() {
+            return Err(ResolverError::from(AccessError::Unauthenticated(err.clone())).extend());
+        }
         let catalog = shared
             .catalog
             .get_or_fetch(&shared.bi)

@@ -3,11 +3,18 @@
 //! module per area, one fixture in `common`.
 
 mod common;
+mod otlp;
 
 mod batching;
 mod bi_errors;
+mod docker_compose;
 mod http;
+mod metrics_format;
+mod redis_faults;
+mod redis_stampede;
 mod schema;
+mod security;
 mod stampede;
 mod tenancy;
+mod traces;
 mod validation;

@@ -110,7 +110,7 @@ async fn hostile_documents_are_refused_and_the_process_stays_up() {
     let answer = gateway.graphql(&json!({"query": nested})).await;
     assert_eq!(
         error_code(&answer),
-        Some(ErrorCode::GraphqlValidationFailed.as_str()),
+        Some(ErrorCode::QueryTooComplex.as_str()),
         "{answer}"
     );
     assert!(answer.get("data").is_none_or(Value::is_null), "{answer}");

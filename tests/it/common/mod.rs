@@ -3,7 +3,9 @@
 //! contract's requests and compute the rows the BI must return for them.
 //!
 //! A test reads like the contract: start a [`TestEnv`], send GraphQL, then ask
-//! the [`Sim`] what the gateway really sent to the BI.
+//! the [`Sim`] what the gateway really sent to the BI. Multi-instance tests
+//! also look into Redis and start, kill and restart `redis-server`s of their
+//! own (the [`redis`] part of the fixture).
 
 // Each area uses its own part of the fixture; the others look unused to it.
 #![allow(dead_code)]
@@ -21,6 +23,10 @@ use clap::CommandFactory;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+mod redis;
+pub use self::redis::{RedisServer, closed_port, query};
 
 /// Longest a gateway may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -135,6 +141,7 @@ type Output = Arc<Mutex<Vec<String>>>;
 pub struct Gateway {
     child: Child,
     address: String,
+    instance_id: String,
     output: Output,
     http: reqwest::Client,
 }
@@ -190,12 +197,51 @@ impl Gateway {
                 );
             }
         };
+        // Like `Command::envs`, the last setting of a variable wins.
+        let instance_id = env
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "INSTANCE_ID")
+            .map(|(_, id)| id.clone())
+            .unwrap_or_default();
         Gateway {
             child,
             address,
+            instance_id,
             output,
             http: http_client(),
         }
+    }
+
+    /// The `INSTANCE_ID` it was started with (empty when none was set): the
+    /// first part of the Redis lock tokens it writes.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// A handle that sends requests to this gateway from anywhere (a spawned
+    /// task, after the gateway was killed), without borrowing it.
+    pub fn client(&self) -> GatewayClient {
+        GatewayClient {
+            url: self.url(),
+            http: self.http.clone(),
+        }
+    }
+
+    /// `POST /graphql` with `body`: status, degraded-mode header and JSON.
+    pub async fn reply(&self, body: &Value) -> Reply {
+        self.client()
+            .graphql(body)
+            .await
+            .unwrap_or_else(|err| panic!("{err}; gateway output:\n{}", self.output()))
+    }
+
+    /// `GET /readyz`: its HTTP status and JSON body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        self.client()
+            .readyz()
+            .await
+            .unwrap_or_else(|err| panic!("{err}; gateway output:\n{}", self.output()))
     }
 
     /// `http://ADDR`, without a path.
@@ -318,6 +364,81 @@ impl Drop for Gateway {
     }
 }
 
+/// What one GraphQL exchange brought back.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    /// The `x-gateway-degraded` header, set while Redis is unavailable.
+    pub degraded: Option<String>,
+    pub body: Value,
+}
+
+/// Sends requests to one gateway; cheap to clone and `'static`, so requests
+/// can run on spawned tasks while the test kills the gateway or its Redis.
+#[derive(Clone)]
+pub struct GatewayClient {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl GatewayClient {
+    /// `POST /graphql` with `body`. `Err` when the exchange fails at transport
+    /// level (the gateway is gone) or its answer is not JSON.
+    pub async fn graphql(&self, body: &Value) -> Result<Reply, String> {
+        let request = self
+            .http
+            .post(format!("{}/graphql", self.url))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        let exchange = async {
+            let response = request.send().await?;
+            let status = response.status().as_u16();
+            let degraded = response
+                .headers()
+                .get("x-gateway-degraded")
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+            let text = response.text().await?;
+            Ok::<_, reqwest::Error>((status, degraded, text))
+        };
+        let (status, degraded, text) = within(REQUEST_TIMEOUT, "POST /graphql", exchange)
+            .await
+            .map_err(|err| format!("POST {}/graphql failed: {err}", self.url))?;
+        let body = serde_json::from_str(&text)
+            .map_err(|err| format!("POST /graphql answered non-JSON ({err}): {text}"))?;
+        Ok(Reply {
+            status,
+            degraded,
+            body,
+        })
+    }
+
+    /// `GET /readyz`: its HTTP status and JSON body.
+    pub async fn readyz(&self) -> Result<(u16, Value), String> {
+        let exchange = async {
+            let response = self.http.get(format!("{}/readyz", self.url)).send().await?;
+            let status = response.status().as_u16();
+            Ok::<_, reqwest::Error>((status, response.json::<Value>().await?))
+        };
+        within(REQUEST_TIMEOUT, "GET /readyz", exchange)
+            .await
+            .map_err(|err| format!("GET {}/readyz failed: {err}", self.url))
+    }
+}
+
+/// One request sent by [`TestEnv::spawn_fire`], still on its way.
+pub struct InFlight {
+    /// Index of the gateway it was sent to.
+    pub instance: usize,
+    pub reply: JoinHandle<Result<Reply, String>>,
+}
+
+impl InFlight {
+    /// Its outcome; a panic of the task fails the test.
+    pub async fn outcome(self) -> Result<Reply, String> {
+        self.reply.await.expect("the request task does not panic")
+    }
+}
+
 /// Copies a process's output into `output` on a thread of its own (so the
 /// pipe never fills up), forwarding lines to `lines` while anyone listens.
 fn drain(
@@ -362,8 +483,21 @@ pub struct TestOptions {
     pub latency_ms: u64,
     /// More gateway environment, applied last: it can override `BI_URL` too.
     pub extra_env: Vec<(String, String)>,
-    /// Sets `REDIS_URL` (tests take it from `TEST_REDIS_URL`).
-    pub redis_url: Option<String>,
+    /// Which Redis the gateways share, if any.
+    pub redis: RedisTarget,
+}
+
+/// The Redis a [`TestEnv`]'s gateways are pointed at (`REDIS_URL`).
+#[derive(Debug, Clone, Default)]
+pub enum RedisTarget {
+    /// None: embedded single-instance mode.
+    #[default]
+    None,
+    /// The test command's shared `redis-server` (`TEST_REDIS_URL`), or, when
+    /// that is unset (`cargo test` run directly), a private one for the env.
+    Shared,
+    /// This URL: a test's private [`RedisServer`], or a port nobody listens on.
+    Url(String),
 }
 
 impl Default for TestOptions {
@@ -372,7 +506,7 @@ impl Default for TestOptions {
             instances: 1,
             latency_ms: 300,
             extra_env: Vec::new(),
-            redis_url: None,
+            redis: RedisTarget::None,
         }
     }
 }
@@ -396,20 +530,29 @@ impl TestOptions {
     /// Shares the Redis that the test command started (`TEST_REDIS_URL`);
     /// every env still gets its own key namespace.
     pub fn redis(mut self) -> Self {
-        let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| {
-            panic!("TEST_REDIS_URL is not set: run the tests with scripts/test, which starts a redis-server")
-        });
-        self.redis_url = Some(url);
+        self.redis = RedisTarget::Shared;
+        self
+    }
+
+    /// Points the gateways at this Redis URL (a private server, a closed port).
+    pub fn redis_at(mut self, url: impl Into<String>) -> Self {
+        self.redis = RedisTarget::Url(url.into());
         self
     }
 }
 
 /// One bi-sim and the gateways in front of it. All instances share one
-/// random `CACHE_NAMESPACE`, so tests can share one Redis without meeting.
+/// random `CACHE_NAMESPACE`, so tests can share one Redis without meeting;
+/// gateway `i` is started with `INSTANCE_ID=gw-i`.
 pub struct TestEnv {
     pub sim: Sim,
     pub gateways: Vec<Gateway>,
     pub namespace: String,
+    /// The gateways' `REDIS_URL`, if any.
+    pub redis_url: Option<String>,
+    /// The env's own Redis when `TEST_REDIS_URL` is unset; after the gateways
+    /// so that it is dropped (killed) after them.
+    _private_redis: Option<RedisServer>,
 }
 
 impl TestEnv {
@@ -422,19 +565,52 @@ impl TestEnv {
             ("CACHE_NAMESPACE".to_owned(), namespace.clone()),
             ("RUST_LOG".to_owned(), "info".to_owned()),
         ];
-        if let Some(url) = &options.redis_url {
+        let (redis_url, private_redis) = match options.redis {
+            RedisTarget::None => (None, None),
+            RedisTarget::Url(url) => (Some(url), None),
+            RedisTarget::Shared => match std::env::var("TEST_REDIS_URL") {
+                Ok(url) if !url.trim().is_empty() => (Some(url), None),
+                _ => {
+                    let server = RedisServer::start(&["--notify-keyspace-events", "KA"]).await;
+                    (Some(server.url()), Some(server))
+                }
+            },
+        };
+        if let Some(url) = &redis_url {
             env.push(("REDIS_URL".to_owned(), url.clone()));
         }
         env.extend(options.extra_env.iter().cloned());
         let mut gateways = Vec::with_capacity(options.instances);
-        for _ in 0..options.instances.max(1) {
-            gateways.push(Gateway::start(&env).await);
+        for i in 0..options.instances.max(1) {
+            let mut gateway_env = vec![("INSTANCE_ID".to_owned(), format!("gw-{i}"))];
+            gateway_env.extend(env.iter().cloned());
+            gateways.push(Gateway::start(&gateway_env).await);
         }
         TestEnv {
             sim,
             gateways,
             namespace,
+            redis_url,
+            _private_redis: private_redis,
         }
+    }
+
+    /// Every gateway's output, labelled, for failure messages.
+    pub fn logs(&self) -> String {
+        self.gateways
+            .iter()
+            .enumerate()
+            .map(|(i, gateway)| format!("--- gateway {i} output:\n{}", gateway.output()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The index of the gateway started with `INSTANCE_ID=instance_id`.
+    pub fn gateway_index(&self, instance_id: &str) -> usize {
+        self.gateways
+            .iter()
+            .position(|g| g.instance_id() == instance_id)
+            .unwrap_or_else(|| panic!("no gateway of this env is instance `{instance_id}`"))
     }
 
     /// The first (often the only) gateway.
@@ -451,16 +627,80 @@ impl TestEnv {
 
     /// Sends every body at once, spread round-robin over the instances.
     pub async fn fire_all(&self, bodies: &[Value]) -> Vec<Value> {
-        let requests = bodies.iter().enumerate().map(|(i, body)| {
-            let gateway = &self.gateways[i % self.gateways.len()];
-            gateway.graphql(body)
+        let targeted: Vec<(usize, Value)> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, body)| (i % self.gateways.len(), body.clone()))
+            .collect();
+        self.fire_on(&targeted).await
+    }
+
+    /// Sends every `(gateway index, body)` at once; the answers come back in
+    /// sending order.
+    pub async fn fire_on(&self, requests: &[(usize, Value)]) -> Vec<Value> {
+        // One task per request: on a multi-thread runtime the client's own
+        // work is spread over its workers, so the requests reach the gateways
+        // closer together than from one task polling them all.
+        let in_flight = requests.iter().map(|(instance, body)| {
+            let client = self.gateways[*instance].client();
+            let body = body.clone();
+            (
+                *instance,
+                tokio::spawn(async move { client.graphql(&body).await }),
+            )
         });
-        within(
+        let in_flight: Vec<_> = in_flight.collect();
+        let outcomes = within(
             REQUEST_TIMEOUT,
             "concurrent GraphQL answers",
-            join_all(requests),
+            join_all(in_flight.into_iter().map(|(instance, reply)| async move {
+                (
+                    instance,
+                    reply.await.expect("the request task does not panic"),
+                )
+            })),
         )
-        .await
+        .await;
+        outcomes
+            .into_iter()
+            .map(|(instance, outcome)| match outcome {
+                Ok(reply) => reply.body,
+                Err(err) => panic!(
+                    "{err}; gateway output:\n{}",
+                    self.gateways[instance].output()
+                ),
+            })
+            .collect()
+    }
+
+    /// Opens `connections` pooled connections to every gateway (that many
+    /// concurrent `GET /healthz`), so that a stampede that follows does not
+    /// pay for connection set-up while the BI call it waits for runs.
+    pub async fn warm_up(&self, connections: usize) {
+        let probes = self.gateways.iter().flat_map(|gateway| {
+            (0..connections).map(move |_| async move {
+                let status = gateway.get("/healthz").await.status();
+                assert!(status.is_success(), "GET /healthz: {status}");
+            })
+        });
+        within(REQUEST_TIMEOUT, "warm-up probes", join_all(probes)).await;
+    }
+
+    /// Sends `body` `n` times at once, round-robin over the instances, each on
+    /// a spawned task: the test can kill a gateway or Redis meanwhile and
+    /// collect the outcomes (transport failures included) afterwards.
+    pub fn spawn_fire(&self, n: usize, body: &Value) -> Vec<InFlight> {
+        (0..n)
+            .map(|i| {
+                let instance = i % self.gateways.len();
+                let client = self.gateways[instance].client();
+                let body = body.clone();
+                InFlight {
+                    instance,
+                    reply: tokio::spawn(async move { client.graphql(&body).await }),
+                }
+            })
+            .collect()
     }
 
     /// Waits until the gateway validates members against the BI's catalog:
@@ -600,6 +840,32 @@ pub fn expected_rows_for(input: &Value) -> Value {
     let planned = Planner::new(config.planner, "expected-rows").plan(&query);
     let rows = sim::answer(&planned.cube).expect("bi-sim answers the planned query");
     serde_json::to_value(rows).expect("rows are JSON")
+}
+
+/// How many answers of a stampede had each `cache.status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Statuses {
+    pub miss: usize,
+    pub coalesced: usize,
+    pub hit: usize,
+}
+
+/// Checks that every answer is a `Panel` answer with the `expected` rows and
+/// no errors, and counts their `cache.status`es.
+pub fn statuses(answers: &[Value], expected: &Value) -> Statuses {
+    let mut statuses = Statuses::default();
+    for (i, answer) in answers.iter().enumerate() {
+        assert!(answer.get("errors").is_none(), "answer {i}: {answer}");
+        let aggregate = &answer["data"]["aggregate"];
+        assert_eq!(aggregate["rows"], *expected, "answer {i}: {answer}");
+        match aggregate["cache"]["status"].as_str() {
+            Some("MISS") => statuses.miss += 1,
+            Some("COALESCED") => statuses.coalesced += 1,
+            Some("HIT") => statuses.hit += 1,
+            _ => panic!("answer {i} has no cache status: {answer}"),
+        }
+    }
+    statuses
 }
 
 /// `extensions.code` of the first error of an answer (`None` without errors).
