@@ -254,14 +254,18 @@ async fn execute(
 ) -> async_graphql::Response {
     let started = std::time::Instant::now();
     let operation = state.operations.label(request.operation_name.as_deref());
-    let span = tracing::info_span!(
-        "graphql.request",
-        otel.kind = "server",
-        otel.name = %format!("query {operation}"),
-        graphql.operation.name = %operation,
-        trace_id = tracing::field::Empty,
-        customer = tracing::field::Empty,
-    );
+    let span = if telemetry::exporting() {
+        tracing::info_span!(
+            "graphql.request",
+            otel.kind = "server",
+            otel.name = %format!("query {operation}"),
+            graphql.operation.name = %operation,
+            trace_id = tracing::field::Empty,
+            customer = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     telemetry::continue_trace(&span, headers);
     if let Some((trace_id, _)) = telemetry::span_ids(&span) {
         // Log lines inside this request carry it, so logs lead to the trace.

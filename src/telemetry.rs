@@ -63,6 +63,15 @@ const DURATION_BUCKETS: &[f64] = &[
     60.0,
 ];
 
+/// Whether spans are exported. Request spans exist only then: building one
+/// costs a few microseconds of formatting on every cached hit, for nothing
+/// when no trace is kept.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The installed telemetry; [`Telemetry::shutdown`] flushes the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -99,6 +108,7 @@ pub fn init(settings: &TelemetrySettings, instance_id: &str) -> Telemetry {
             .boxed(),
     });
     if let Some(provider) = &provider {
+        EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
         // Its own filter: the log level must not decide which spans are exported.
         let spans = Targets::new().with_target("analytics_gateway", tracing::Level::INFO);
         layers.push(

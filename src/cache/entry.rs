@@ -16,7 +16,7 @@ pub fn unix_millis() -> u64 {
 }
 
 /// One BI answer, as cached. It never changes before it expires.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Entry {
     pub rows: Vec<Row>,
@@ -33,6 +33,46 @@ pub struct Entry {
     /// The row limit the query was sent with: as many rows as this means
     /// the BI may have cut the answer.
     pub row_limit: u32,
+    /// The rows as the serving layer renders them, built on first use and
+    /// shared by every answer served from this entry (an entry never
+    /// changes, so neither does its rendering). Type-erased: the cache knows
+    /// nothing of GraphQL.
+    #[serde(skip)]
+    pub rendered: RenderMemo,
+}
+
+/// A once-built rendering of an entry's rows (see [`Entry::rendered`]).
+#[derive(Clone, Default)]
+pub struct RenderMemo(std::sync::OnceLock<Arc<dyn std::any::Any + Send + Sync>>);
+
+impl RenderMemo {
+    /// The memoised value of type `T`, built by `build` on first use.
+    pub fn get_or_init<T: Send + Sync + 'static>(&self, build: impl FnOnce() -> T) -> Option<&T> {
+        self.0.get_or_init(|| Arc::new(build())).downcast_ref::<T>()
+    }
+}
+
+impl std::fmt::Debug for RenderMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "RenderMemo(built)"
+        } else {
+            "RenderMemo(empty)"
+        })
+    }
+}
+
+impl PartialEq for Entry {
+    /// Equal content; the memoised rendering is derived and does not count.
+    fn eq(&self, other: &Entry) -> bool {
+        self.rows == other.rows
+            && self.produced_at_ms == other.produced_at_ms
+            && self.expires_at_ms == other.expires_at_ms
+            && self.producer == other.producer
+            && self.trace_id == other.trace_id
+            && self.span_id == other.span_id
+            && self.row_limit == other.row_limit
+    }
 }
 
 impl Entry {
@@ -46,6 +86,7 @@ impl Entry {
             trace_id: None,
             span_id: None,
             row_limit,
+            rendered: RenderMemo::default(),
         }
     }
 

@@ -183,8 +183,11 @@ impl Health {
     fn ping_answered(&self, up: bool) {
         if up {
             self.failures.store(0, Ordering::Relaxed);
+            self.set_up(true);
+        } else {
+            // A missed ping is one more failure, not an outage by itself.
+            self.command_failed();
         }
-        self.set_up(up);
     }
 }
 

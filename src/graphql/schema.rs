@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{
-    Context, EmptyMutation, EmptySubscription, ErrorExtensions, InputObject, Json, Object, Schema,
-    SimpleObject,
+    Context, EmptyMutation, EmptySubscription, ErrorExtensions, InputObject, InputValueResult,
+    Object, Scalar, ScalarType, Schema, SimpleObject,
 };
 
 use super::errors::ResolverError;
@@ -13,7 +13,7 @@ use super::loader::AggregateLoader;
 use crate::aggregate::{Aggregator, Answer, CacheStatus};
 use crate::auth::{AccessError, Identity};
 use crate::bi::BiClient;
-use crate::bi::protocol::{MetaMember, Row};
+use crate::bi::protocol::MetaMember;
 use crate::cache::{AnswerError, unix_millis};
 use crate::catalog::{Catalog, CatalogStore};
 use crate::config::{GraphqlLimits, QueryLimits};
@@ -175,8 +175,20 @@ pub struct AggregateResult {
 impl AggregateResult {
     /// The BI's rows for this query, one object per row keyed by member name,
     /// in the BI's order.
-    async fn rows(&self) -> Vec<Json<&Row>> {
-        self.answer.entry.rows.iter().map(Json).collect()
+    async fn rows(&self) -> Vec<&JsonRow> {
+        let entry = &self.answer.entry;
+        // Built once per entry: converting rows into GraphQL values hashes
+        // every key, the largest cost of a cached hit after serialising.
+        let rendered = entry.rendered.get_or_init(|| {
+            entry
+                .rows
+                .iter()
+                .map(|row| JsonRow(async_graphql::to_value(row).unwrap_or_default()))
+                .collect::<Vec<JsonRow>>()
+        });
+        rendered
+            .map(|rows| rows.iter().collect())
+            .unwrap_or_default()
     }
 
     /// Where this answer came from.
@@ -205,6 +217,22 @@ impl AggregateResult {
     /// sets: rows past it may have been dropped.
     async fn may_be_truncated(&self) -> bool {
         self.answer.entry.may_be_truncated()
+    }
+}
+
+/// One BI row: a JSON object keyed by member name. Served as the same `JSON`
+/// scalar as async-graphql's own, but from a value built once per entry.
+pub struct JsonRow(async_graphql::Value);
+
+/// A scalar that can represent any JSON value.
+#[Scalar(name = "JSON")]
+impl ScalarType for JsonRow {
+    fn parse(value: async_graphql::Value) -> InputValueResult<Self> {
+        Ok(JsonRow(value))
+    }
+
+    fn to_value(&self) -> async_graphql::Value {
+        self.0.clone()
     }
 }
 

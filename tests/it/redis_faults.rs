@@ -8,8 +8,8 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::common::{
-    InFlight, RedisServer, Reply, Statuses, TestEnv, TestOptions, closed_port, error_code,
-    expected_rows, panel, query, statuses, wait_until, within,
+    InFlight, PATIENT_REDIS_TIMEOUT_MS, RedisServer, Reply, Statuses, TestEnv, TestOptions,
+    closed_port, error_code, expected_rows, panel, query, statuses, wait_until, within,
 };
 
 const MEASURES: &[&str] = &["Sales.revenue", "Sales.orders"];
@@ -69,7 +69,8 @@ async fn a_dead_leaders_key_is_taken_over_by_a_survivor() {
             .redis()
             .instances(3)
             .latency_ms(LATENCY.as_millis() as u64)
-            .env("REDIS_LOCK_TTL_MS", LOCK_TTL.as_millis()),
+            .env("REDIS_LOCK_TTL_MS", LOCK_TTL.as_millis())
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     let (body, expected) = question("takeover");
@@ -132,7 +133,8 @@ async fn a_bi_call_longer_than_the_lock_ttl_keeps_its_lock() {
             .redis()
             .instances(3)
             .latency_ms(1_500)
-            .env("REDIS_LOCK_TTL_MS", 500),
+            .env("REDIS_LOCK_TTL_MS", 500)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     let (body, expected) = question("slow-bi");
@@ -170,7 +172,8 @@ async fn without_config_and_notifications_waiters_poll() {
         TestOptions::default()
             .redis_at(redis.url())
             .instances(3)
-            .latency_ms(1_000),
+            .latency_ms(1_000)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
 
@@ -205,7 +208,8 @@ async fn notifications_are_left_alone_when_configuring_them_is_not_allowed() {
             .redis_at(redis.url())
             .instances(3)
             .latency_ms(1_000)
-            .env("REDIS_CONFIGURE_NOTIFICATIONS", "false"),
+            .env("REDIS_CONFIGURE_NOTIFICATIONS", "false")
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
 
@@ -245,7 +249,8 @@ async fn a_bi_error_is_shared_across_instances() {
         TestOptions::default()
             .redis()
             .instances(3)
-            .latency_ms(1_000),
+            .latency_ms(1_000)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     env.sim
@@ -271,7 +276,8 @@ async fn a_rate_limit_cool_down_is_shared_across_instances() {
         TestOptions::default()
             .redis()
             .instances(2)
-            .env("BI_TIMEOUT_SECS", 1),
+            .env("BI_TIMEOUT_SECS", 1)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     env.sim
@@ -293,6 +299,67 @@ async fn a_rate_limit_cool_down_is_shared_across_instances() {
     assert_eq!(env.sim.stats().http_requests, 1, "{:?}", env.sim.stats());
 }
 
+/// "One slow reply on a loaded machine is not an outage" (ARCHITECTURE,
+/// degraded mode): a Redis stall timed so that exactly one of the pinger's
+/// PINGs outlives `REDIS_TIMEOUT_MS=500`, while nothing else is asked of
+/// Redis, leaves the instance coordinating through Redis: `/readyz` never says
+/// `"redis": "down"` during the stall or the second after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_slow_redis_reply_is_not_an_outage() {
+    let redis = RedisServer::start(&["--enable-debug-command", "yes"]).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis_at(redis.url())
+            .env("REDIS_TIMEOUT_MS", 500),
+    )
+    .await;
+    wait_for_redis(&env, "up", Duration::from_secs(20)).await;
+
+    // The pinger sends a PING every 500 ms (then one on its subscriber
+    // connection). Seen one go by, stall Redis from 100 ms later for 1 s: the
+    // next PING waits 600+ ms (one timeout), the one after is answered.
+    let mut conn = redis.connection().await;
+    let pings = |info: &str| -> u64 {
+        info.lines()
+            .find_map(|line| line.strip_prefix("cmdstat_ping:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
+    };
+    let info: String = query(&mut conn, redis::cmd("INFO").arg("commandstats")).await;
+    let before = pings(&info);
+    within(Duration::from_secs(10), "the pinger's PING", async {
+        loop {
+            let info: String = query(&mut conn, redis::cmd("INFO").arg("commandstats")).await;
+            if pings(&info) > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stall = tokio::spawn(async move {
+        let () = query(&mut conn, redis::cmd("DEBUG").arg("SLEEP").arg("1.0")).await;
+    });
+
+    let watched_until = tokio::time::Instant::now() + Duration::from_millis(2_100);
+    let mut seen = Vec::new();
+    while tokio::time::Instant::now() < watched_until {
+        let (_, ready) = env.gateway().readyz().await;
+        seen.push(ready["redis"].as_str().unwrap_or("?").to_owned());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    within(Duration::from_secs(10), "the stall to end", stall)
+        .await
+        .expect("the stall task does not panic");
+    assert!(
+        seen.iter().all(|redis| redis == "up"),
+        "/readyz said {seen:?}\n{}",
+        env.logs()
+    );
+}
+
 /// Redis SIGKILLed in the middle of a 90-request stampede over three
 /// instances: every request still ends (the rows or an error with a code)
 /// within its 8 s deadline plus a margin, and no gateway dies. Once Redis is
@@ -308,7 +375,8 @@ async fn redis_killed_mid_stampede_then_restarted() {
             .redis_at(redis.url())
             .instances(3)
             .latency_ms(1_500)
-            .env("REQUEST_TIMEOUT_SECS", REQUEST_DEADLINE.as_secs()),
+            .env("REQUEST_TIMEOUT_SECS", REQUEST_DEADLINE.as_secs())
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     wait_for_redis(&env, "up", Duration::from_secs(20)).await;

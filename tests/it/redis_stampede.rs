@@ -4,7 +4,9 @@
 
 use serde_json::Value;
 
-use crate::common::{Statuses, TestEnv, TestOptions, expected_rows, panel, query, statuses};
+use crate::common::{
+    PATIENT_REDIS_TIMEOUT_MS, Statuses, TestEnv, TestOptions, expected_rows, panel, query, statuses,
+};
 
 const MEASURES: &[&str] = &["Sales.revenue", "Sales.orders"];
 const DIMENSIONS: &[&str] = &["Sales.region"];
@@ -29,7 +31,8 @@ async fn a_stampede_over_three_instances_makes_one_bi_query() {
         TestOptions::default()
             .redis()
             .instances(3)
-            .latency_ms(2_000),
+            .latency_ms(2_000)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     // Connection set-up is not what this test is about: with the connections
@@ -72,7 +75,8 @@ async fn distinct_keys_make_one_bi_query_each() {
         TestOptions::default()
             .redis()
             .instances(3)
-            .latency_ms(1_000),
+            .latency_ms(1_000)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     let questions: Vec<(Value, Value)> = (0..KEYS)
@@ -115,7 +119,14 @@ async fn distinct_keys_make_one_bi_query_each() {
 /// the other's, whichever instance produced them), from exactly two BI queries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn customers_never_share_entries_across_instances() {
-    let env = TestEnv::start(TestOptions::default().redis().instances(3).latency_ms(500)).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis()
+            .instances(3)
+            .latency_ms(500)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
+    )
+    .await;
     let customers = ["acme", "globex"];
     let questions: Vec<(Value, Value)> = customers.iter().map(|c| question(c)).collect();
     assert_ne!(
@@ -164,7 +175,8 @@ async fn a_miss_leaves_a_value_entry_and_no_lock() {
         TestOptions::default()
             .redis()
             .instances(2)
-            .env("CACHE_TTL_SECS", TTL_MS / 1_000),
+            .env("CACHE_TTL_SECS", TTL_MS / 1_000)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
     let (body, expected) = question("entries");

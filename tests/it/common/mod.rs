@@ -34,6 +34,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// instead of hanging it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// `REDIS_TIMEOUT_MS` for multi-instance tests about coalescing rather than
+/// about Redis timeouts: a loaded 2-core machine can starve a process past a
+/// sub-second timeout, and one timed-out PING degrades the whole instance
+/// (see `redis_faults::one_slow_redis_reply_is_not_an_outage`).
+pub const PATIENT_REDIS_TIMEOUT_MS: u64 = 3_000;
+
 /// The GraphQL document every dashboard client sends, as the contract spells it.
 pub const PANEL_QUERY: &str = "query Panel($input: AggregateInput!) { aggregate(input: $input) { rows cache { status key } } }";
 

@@ -172,10 +172,15 @@ pub fn closed_port() -> u16 {
 /// A fresh connection to the Redis at `url`, for a test to look with.
 pub async fn redis_connection(url: &str) -> MultiplexedConnection {
     let client = redis::Client::open(url).unwrap_or_else(|err| panic!("{url}: {err}"));
+    // The crate's default 500 ms response timeout is shorter than a loaded
+    // machine may need; `within` bounds every wait anyway.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REDIS_COMMAND_TIMEOUT))
+        .set_response_timeout(Some(REDIS_COMMAND_TIMEOUT));
     within(
         REDIS_COMMAND_TIMEOUT,
         "a Redis connection",
-        client.get_multiplexed_async_connection(),
+        client.get_multiplexed_async_connection_with_config(&config),
     )
     .await
     .unwrap_or_else(|err| panic!("cannot connect to Redis at {url}: {err}"))
