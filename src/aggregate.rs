@@ -2,8 +2,9 @@
 //! calls as possible.
 //!
 //! For one dataloader batch, [`Aggregator::resolve`]:
-//! 1. looks every key up in the store in one step (hits answer at once);
-//! 2. joins the in-process flight of each miss, or starts one;
+//! 1. joins the in-process flight of every key that has one (no store access);
+//! 2. looks the other keys up in the store in one step (hits answer at once),
+//!    and joins or starts the in-process flight of each miss;
 //! 3. hands the flights it started to a task that no request owns, which asks
 //!    the coordinator for leadership, groups the keys it leads into BI batches
 //!    by Cube's blending rules, calls the BI, and fills or fails each key;
@@ -113,20 +114,35 @@ impl Aggregator {
         queries: &[PlannedQuery],
         deadline: Instant,
     ) -> HashMap<CacheKey, AnswerResult> {
-        let keys: Vec<CacheKey> = queries.iter().map(|q| q.key.clone()).collect();
-        let lookup_span =
-            tracing::info_span!("cache.lookup", keys = keys.len() as i64, found = Empty);
-        let found = self
-            .coordinator
-            .lookup(&keys)
-            .instrument(lookup_span.clone())
-            .await;
-        lookup_span.record("found", found.iter().filter(|f| f.is_some()).count() as i64);
-
         let mut answers = HashMap::with_capacity(queries.len());
         let mut to_lead = Vec::new();
         let mut waits = Vec::new();
-        for (query, found) in queries.iter().zip(found) {
+
+        // In-process first: a key whose flight is already on its way joins it
+        // before the store (Redis) is touched at all.
+        let mut to_look_up = Vec::with_capacity(queries.len());
+        for query in queries {
+            match self.flights.follow(&query.key) {
+                Some(watch) => waits.push((query.key.clone(), watch, false)),
+                None => to_look_up.push(query),
+            }
+        }
+
+        let keys: Vec<CacheKey> = to_look_up.iter().map(|q| q.key.clone()).collect();
+        let found = if keys.is_empty() {
+            Vec::new()
+        } else {
+            let lookup_span =
+                tracing::info_span!("cache.lookup", keys = keys.len() as i64, found = Empty);
+            let found = self
+                .coordinator
+                .lookup(&keys)
+                .instrument(lookup_span.clone())
+                .await;
+            lookup_span.record("found", found.iter().filter(|f| f.is_some()).count() as i64);
+            found
+        };
+        for (query, found) in to_look_up.into_iter().zip(found) {
             if let Some(cached) = found {
                 answers.insert(query.key.clone(), answer_from_cache(cached));
                 continue;

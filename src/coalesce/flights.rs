@@ -75,6 +75,17 @@ impl Flights {
         )
     }
 
+    /// The flight for `key`, if one is on its way; never starts one.
+    pub fn follow(&self, key: &CacheKey) -> Option<FlightWatch> {
+        let in_progress = self
+            .in_progress
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        in_progress
+            .get(key)
+            .map(|slot| FlightWatch(slot.subscribe()))
+    }
+
     /// Number of flights in progress.
     pub fn len(&self) -> usize {
         self.in_progress.lock().map(|m| m.len()).unwrap_or_default()
