@@ -424,7 +424,10 @@ impl RedisCoordinator {
         // Stop renewing first: a renewal racing the fill would find the lock
         // gone and report it lost.
         drop(lease.keep_alive.take());
-        if lease.token.is_empty() || !self.health.is_up() {
+        // Tried even while Redis is flagged down: we hold a lock, and the
+        // script writes only if we still do; releasing it spares the others a
+        // lock TTL of waiting.
+        if lease.token.is_empty() {
             return;
         }
         let payload = match serde_json::to_vec(stored) {
@@ -435,7 +438,9 @@ impl RedisCoordinator {
             }
         };
         let mut written = self.run_fill(&lease, &payload, ttl_ms).await;
-        if let Err(err) = &written {
+        if let Err(err) = &written
+            && self.health.is_up()
+        {
             // Once more: the fill is conditional on the token, so a first
             // attempt that did land makes the second a harmless no-op.
             tracing::info!(error = %err, key = lease.key.short(), "storing the answer failed; trying once more");
@@ -505,10 +510,14 @@ impl RedisCoordinator {
         let mut lost_race = false;
         let mut failing_since: Option<Instant> = None;
         let mut poll = Backoff::new();
+        // Known down before anything was tried: degrade at once. Once racing
+        // or watching a lock, only this waiter's own failing commands (for
+        // longer than a lock TTL) make it give up: another request's timeout
+        // must not make it abandon a lock that is still alive.
+        if !self.health.is_up() {
+            return LeadOrWait::Lead(self.degraded_lease(key));
+        }
         loop {
-            if !self.health.is_up() {
-                return LeadOrWait::Lead(self.degraded_lease(key));
-            }
             if Instant::now() >= deadline {
                 return LeadOrWait::Failed(AnswerError::unavailable(
                     "waited for another instance's BI call until the request's deadline",

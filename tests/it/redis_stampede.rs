@@ -142,14 +142,10 @@ async fn customers_never_share_entries_across_instances() {
 
     for (c, (_, expected)) in questions.iter().enumerate() {
         let of_customer: Vec<Value> = answers.iter().skip(c).step_by(2).cloned().collect();
+        // One BI call each: one MISS each (a request that a loaded machine
+        // delivers after the fill is rightly a HIT).
         let counted = statuses(&of_customer, expected);
-        assert_eq!(
-            (counted.miss, counted.hit),
-            (1, 0),
-            "{}\n{}",
-            customers[c],
-            env.logs()
-        );
+        assert_eq!(counted.miss, 1, "{}\n{}", customers[c], env.logs());
     }
     assert_eq!(env.sim.stats().queries, 2, "{:?}", env.sim.stats());
 

@@ -10,7 +10,9 @@ const DIMENSIONS: &[&str] = &["Sales.region"];
 /// it, all with the BI's rows; the next request is a HIT without a BI call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_identical_requests_make_one_bi_query() {
-    let env = TestEnv::start(TestOptions::default().latency_ms(500)).await;
+    // The BI must stay busy while 200 requests arrive on two shared cores:
+    // a request arriving after the fill is rightly a HIT, not a COALESCED.
+    let env = TestEnv::start(TestOptions::default().latency_ms(1_500)).await;
     let body = panel(
         "acme",
         "2025-01-01",
@@ -29,6 +31,7 @@ async fn two_hundred_identical_requests_make_one_bi_query() {
     );
     assert!(expected.as_array().is_some_and(|rows| !rows.is_empty()));
 
+    env.warm_up(200).await;
     let answers = env.fire(200, &body).await;
 
     assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
