@@ -154,33 +154,24 @@ async fn a_bi_call_longer_than_the_lock_ttl_keeps_its_lock() {
     assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
 }
 
-/// On a Redis without keyspace notifications that refuses `CONFIG` (as managed
-/// Redis services do), every instance says `"notifications": "polling"` in
-/// `/readyz`, and a stampede over three instances still makes one BI query
+/// Three instances on `redis` (with `extra_env`) say `"notifications":
+/// "polling"` in `/readyz`, and a 60-request stampede still makes one BI query
 /// with the right rows for everyone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn without_config_and_notifications_waiters_poll() {
-    let redis = RedisServer::start(&[
-        "--notify-keyspace-events",
-        "",
-        "--rename-command",
-        "CONFIG",
-        "",
-    ])
-    .await;
-    let env = TestEnv::start(
-        TestOptions::default()
-            .redis_at(redis.url())
-            .instances(3)
-            .latency_ms(1_000)
-            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
-    )
-    .await;
+async fn polling_stampede(redis: &RedisServer, extra_env: &[(&str, &str)], customer: &str) {
+    let mut options = TestOptions::default()
+        .redis_at(redis.url())
+        .instances(3)
+        .latency_ms(1_000)
+        .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS);
+    for (name, value) in extra_env {
+        options = options.env(name, value);
+    }
+    let env = TestEnv::start(options).await;
 
     for ready in wait_for_redis(&env, "up", Duration::from_secs(20)).await {
         assert_eq!(ready["notifications"], "polling", "{ready}");
     }
-    let (body, expected) = question("polling");
+    let (body, expected) = question(customer);
     let answers = env.fire(60, &body).await;
 
     assert_eq!(
@@ -196,40 +187,33 @@ async fn without_config_and_notifications_waiters_poll() {
     assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
 }
 
+/// On a Redis without keyspace notifications that refuses `CONFIG` (as managed
+/// Redis services do), waiters poll: still one BI query for a stampede.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_config_and_notifications_waiters_poll() {
+    let redis = RedisServer::start(&[
+        "--notify-keyspace-events",
+        "",
+        "--rename-command",
+        "CONFIG",
+        "",
+    ])
+    .await;
+    polling_stampede(&redis, &[], "polling").await;
+}
+
 /// With `REDIS_CONFIGURE_NOTIFICATIONS=false`, a Redis whose keyspace
 /// notifications are off is left as it is (`notify-keyspace-events` still
-/// empty afterwards), every instance says `"notifications": "polling"`, and a
-/// stampede over three instances still makes one BI query.
+/// empty afterwards), and waiters poll: still one BI query for a stampede.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notifications_are_left_alone_when_configuring_them_is_not_allowed() {
     let redis = RedisServer::start(&["--notify-keyspace-events", ""]).await;
-    let env = TestEnv::start(
-        TestOptions::default()
-            .redis_at(redis.url())
-            .instances(3)
-            .latency_ms(1_000)
-            .env("REDIS_CONFIGURE_NOTIFICATIONS", "false")
-            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
+    polling_stampede(
+        &redis,
+        &[("REDIS_CONFIGURE_NOTIFICATIONS", "false")],
+        "not-configured",
     )
     .await;
-
-    for ready in wait_for_redis(&env, "up", Duration::from_secs(20)).await {
-        assert_eq!(ready["notifications"], "polling", "{ready}");
-    }
-    let (body, expected) = question("not-configured");
-    let answers = env.fire(60, &body).await;
-
-    assert_eq!(
-        statuses(&answers, &expected),
-        Statuses {
-            miss: 1,
-            coalesced: 59,
-            hit: 0
-        },
-        "{}",
-        env.logs()
-    );
-    assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
     let mut conn = redis.connection().await;
     let flags: Vec<String> = query(
         &mut conn,
