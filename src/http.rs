@@ -302,7 +302,7 @@ async fn execute(
     classify_request_errors(&mut response);
     metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation)
         .record(started.elapsed().as_secs_f64());
-    if state.aggregator.coordinator().describe().redis == "down" {
+    if state.aggregator.coordinator().is_degraded() {
         response.extensions.insert(
             "degraded".to_owned(),
             async_graphql::Value::from("redis-unavailable"),
@@ -345,7 +345,7 @@ fn check_limits(
 /// While Redis is down, answers come from in-process coalescing and direct
 /// BI calls: correct, but not shared across instances. Say so.
 fn with_degraded_flag(state: &AppState, mut response: Response) -> Response {
-    if state.aggregator.coordinator().describe().redis == "down" {
+    if state.aggregator.coordinator().is_degraded() {
         response.headers_mut().insert(
             DEGRADED_HEADER,
             header::HeaderValue::from_static("redis-unavailable"),

@@ -292,16 +292,14 @@ impl BiClient {
         let mut headers = reqwest::header::HeaderMap::new();
         // A BI that traces joins this trace: its work appears under `bi.call`.
         crate::telemetry::inject_trace(&mut headers);
-        let mut request = self
-            .inner
-            .http
-            .post(&self.inner.load_url)
-            .headers(headers)
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(token) = &self.inner.token {
-            request = request.header(AUTHORIZATION, token.clone());
-        }
+        let request = self.authorized(
+            self.inner
+                .http
+                .post(&self.inner.load_url)
+                .headers(headers)
+                .header(CONTENT_TYPE, "application/json")
+                .body(body),
+        );
         let timed_out = || Attempt::Failed(BiError::Timeout(self.inner.timeout));
         let response = match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => return timed_out(),
@@ -367,11 +365,8 @@ impl BiClient {
 
     /// `GET /meta`: the BI's cubes and members.
     pub async fn meta(&self) -> Result<MetaResponse, BiError> {
-        let mut request = self.inner.http.get(&self.inner.meta_url);
-        if let Some(token) = &self.inner.token {
-            request = request.header(AUTHORIZATION, token.clone());
-        }
-        let response = request
+        let response = self
+            .authorized(self.inner.http.get(&self.inner.meta_url))
             .timeout(self.inner.timeout)
             .send()
             .await
@@ -391,11 +386,16 @@ impl BiClient {
 
     /// Whether the BI answers `GET /meta` within `within`: the readiness probe.
     pub async fn is_reachable(&self, within: Duration) -> bool {
-        let mut request = self.inner.http.get(&self.inner.meta_url).timeout(within);
-        if let Some(token) = &self.inner.token {
-            request = request.header(AUTHORIZATION, token.clone());
-        }
+        let request = self.authorized(self.inner.http.get(&self.inner.meta_url).timeout(within));
         matches!(request.send().await, Ok(response) if response.status().is_success())
+    }
+
+    /// `BI_TOKEN`, verbatim, on every request to the BI.
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.inner.token {
+            Some(token) => request.header(AUTHORIZATION, token.clone()),
+            None => request,
+        }
     }
 }
 

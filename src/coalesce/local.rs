@@ -68,6 +68,10 @@ impl Coordinator for LocalCoordinator {
         self.counters.count(name, amount, window)
     }
 
+    fn is_degraded(&self) -> bool {
+        false
+    }
+
     fn describe(&self) -> CoordinatorStatus {
         CoordinatorStatus {
             mode: "in-process",

@@ -23,7 +23,6 @@ use tokio::time::Instant;
 
 pub use flights::{FlightLead, FlightWatch, Flights, Joined, Origin, Resolved};
 pub use local::LocalCoordinator;
-pub use redis::KeyLayout;
 pub use redis::{RedisCoordinator, RedisSettings};
 
 use crate::cache::{AnswerError, Cached, Entry};
@@ -76,6 +75,10 @@ pub trait Coordinator: Send + Sync + 'static {
 
     /// How the coordinator is doing, for readiness reports.
     fn describe(&self) -> CoordinatorStatus;
+
+    /// Whether answers are coming from this process alone because the shared
+    /// store is unreachable.
+    fn is_degraded(&self) -> bool;
 }
 
 /// Fixed-window counters in process memory: the embedded store of

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 
 use crate::common::{
     InFlight, PATIENT_REDIS_TIMEOUT_MS, RedisServer, Reply, Statuses, TestEnv, TestOptions,
-    closed_port, error_code, expected_rows, panel, query, statuses, wait_until, within,
+    closed_port, error_code, panel_and_rows, query, statuses, wait_until, within,
 };
 
 const MEASURES: &[&str] = &["Sales.revenue", "Sales.orders"];
@@ -19,10 +19,7 @@ const TO: &str = "2025-04-30";
 
 /// The contract's panel for `customer`, and the rows the BI has for it.
 fn question(customer: &str) -> (Value, Value) {
-    (
-        panel(customer, FROM, TO, MEASURES, DIMENSIONS, Some("DAY")),
-        expected_rows(customer, FROM, TO, MEASURES, DIMENSIONS, Some("DAY")),
-    )
+    panel_and_rows(customer, FROM, TO, MEASURES, DIMENSIONS, Some("DAY"))
 }
 
 /// Waits until every gateway of `env` reports Redis as `redis` ("up" or

@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::common::{
-    PATIENT_REDIS_TIMEOUT_MS, Statuses, TestEnv, TestOptions, expected_rows, panel, query, statuses,
+    PATIENT_REDIS_TIMEOUT_MS, Statuses, TestEnv, TestOptions, panel_and_rows, query, statuses,
 };
 
 const MEASURES: &[&str] = &["Sales.revenue", "Sales.orders"];
@@ -15,10 +15,7 @@ const TO: &str = "2025-03-31";
 
 /// The contract's panel for `customer`, and the rows the BI has for it.
 fn question(customer: &str) -> (Value, Value) {
-    (
-        panel(customer, FROM, TO, MEASURES, DIMENSIONS, Some("DAY")),
-        expected_rows(customer, FROM, TO, MEASURES, DIMENSIONS, Some("DAY")),
-    )
+    panel_and_rows(customer, FROM, TO, MEASURES, DIMENSIONS, Some("DAY"))
 }
 
 /// 300 concurrent identical requests spread over three instances make exactly

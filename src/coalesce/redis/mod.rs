@@ -107,7 +107,7 @@ return 0
 
 /// Names of everything this coordinator keeps in Redis.
 #[derive(Debug, Clone)]
-pub struct KeyLayout {
+struct KeyLayout {
     prefix: String,
     db: i64,
 }
@@ -734,6 +734,10 @@ impl Coordinator for RedisCoordinator {
             }
         }
         self.counters.count(name, amount, window)
+    }
+
+    fn is_degraded(&self) -> bool {
+        !self.health.is_up()
     }
 
     fn describe(&self) -> CoordinatorStatus {

@@ -762,6 +762,21 @@ pub fn panel(
     panel_body(input(customer, from, to, measures, dimensions, granularity))
 }
 
+/// The contract's `Panel` request for a question, and the rows the BI has for it.
+pub fn panel_and_rows(
+    customer: &str,
+    from: &str,
+    to: &str,
+    measures: &[&str],
+    dimensions: &[&str],
+    granularity: Option<&str>,
+) -> (Value, Value) {
+    (
+        panel(customer, from, to, measures, dimensions, granularity),
+        expected_rows(customer, from, to, measures, dimensions, granularity),
+    )
+}
+
 /// The contract's `Panel` request for an `input` variable built by hand.
 pub fn panel_body(input: Value) -> Value {
     json!({"query": PANEL_QUERY, "variables": {"input": input}})

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::{JWT_SECRET, assert_refused, bearer, client, graphql_as, token_for};
 use crate::common::{
-    Gateway, REQUEST_TIMEOUT, Statuses, TestEnv, TestOptions, expected_rows, panel, statuses,
+    Gateway, REQUEST_TIMEOUT, Statuses, TestEnv, TestOptions, panel, panel_and_rows, statuses,
     wait_until, within,
 };
 
@@ -22,10 +22,7 @@ const FROM: &str = "2025-05-01";
 const TO: &str = "2025-05-21";
 
 fn question(customer: &str) -> (Value, Value) {
-    (
-        panel(customer, FROM, TO, MEASURES, DIMENSIONS, Some("WEEK")),
-        expected_rows(customer, FROM, TO, MEASURES, DIMENSIONS, Some("WEEK")),
-    )
+    panel_and_rows(customer, FROM, TO, MEASURES, DIMENSIONS, Some("WEEK"))
 }
 
 fn authenticated(options: TestOptions) -> TestOptions {
