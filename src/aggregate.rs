@@ -5,25 +5,29 @@
 //! 1. joins the in-process flight of every key that has one (no store access);
 //! 2. looks the other keys up in the store in one step (hits answer at once),
 //!    and joins or starts the in-process flight of each miss;
-//! 3. hands the flights it started to a task that no request owns, which asks
-//!    the coordinator for leadership, groups the keys it leads into BI batches
-//!    by Cube's blending rules, calls the BI, and fills or fails each key;
+//! 3. hands the flights it started to a task that no request owns, which runs
+//!    the coalescing protocol ([`Aggregator::produce`]): try every key's lock
+//!    once, call the BI at once for the keys won (batched by Cube's blending
+//!    rules), wait for each key lost on its own, and try again the keys whose
+//!    holder went away;
 //! 4. waits for every flight, each until the request's deadline.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use futures_util::future::{BoxFuture, FutureExt, join_all};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 use tracing::field::Empty;
 
 use crate::bi::protocol::CubeQuery;
-use crate::bi::{BiAnswer, BiClient};
-use crate::cache::{AnswerError, Cached, Entry};
+use crate::bi::{BiAnswer, BiClient, BiError};
+use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, unix_micros};
 use crate::coalesce::{
-    Coordinator, FlightLead, Flights, Joined, LeadOrWait, Lease, Origin, Resolved,
+    Coordinator, Decision, FlightLead, Flights, Joined, Lease, Origin, Resolved, Waited,
 };
 use crate::query::{CacheKey, Granularity, PlannedQuery};
 use crate::telemetry::names;
@@ -54,6 +58,8 @@ impl CacheStatus {
 pub struct Answer {
     pub entry: Arc<Entry>,
     pub status: CacheStatus,
+    /// Produced without cross-instance coordination (Redis unreachable).
+    pub degraded: bool,
 }
 
 pub type AnswerResult = Result<Answer, AnswerError>;
@@ -62,9 +68,8 @@ pub type AnswerResult = Result<Answer, AnswerError>;
 #[derive(Debug, Clone)]
 pub struct AggregatorSettings {
     pub ttl: Duration,
+    pub negative_ttl: Duration,
     pub max_batch_size: usize,
-    /// How long the producing task may wait for another instance's leader.
-    pub produce_timeout: Duration,
     pub instance_id: String,
     pub row_limit: u32,
 }
@@ -74,6 +79,10 @@ pub struct Aggregator {
     flights: Arc<Flights>,
     bi: BiClient,
     settings: AggregatorSettings,
+    /// Until when this process calls the BI no more (its last 429): checked
+    /// before every call, so a flight that was already deciding when the
+    /// rate limit came does not call anyway.
+    cooldown: Mutex<Option<Instant>>,
 }
 
 /// A key this process leads: the flight to complete and the lease to settle.
@@ -82,6 +91,18 @@ struct Production {
     flight: FlightLead,
     lease: Lease,
 }
+
+/// A key the producing task has yet to settle.
+struct Pending {
+    query: PlannedQuery,
+    flight: FlightLead,
+    /// Tried before and lost to a holder that went away since.
+    takeover: bool,
+}
+
+/// Holders of several keys (one batch of theirs) go away together: waits
+/// that end within this window are tried again in one follow-up round.
+const FOLLOW_UP_WINDOW: Duration = Duration::from_millis(5);
 
 impl Aggregator {
     pub fn new(
@@ -94,11 +115,8 @@ impl Aggregator {
             flights: Arc::new(Flights::default()),
             bi,
             settings,
+            cooldown: Mutex::new(None),
         })
-    }
-
-    pub fn coordinator(&self) -> &Arc<dyn Coordinator> {
-        &self.coordinator
     }
 
     /// The answer for `query` if process memory has it: no I/O, no waiting.
@@ -122,7 +140,7 @@ impl Aggregator {
         // before the store (Redis) is touched at all.
         let mut to_look_up = Vec::with_capacity(queries.len());
         for query in queries {
-            match self.flights.follow(&query.key) {
+            match self.flights.follow(&query.key, deadline) {
                 Some(watch) => waits.push((query.key.clone(), watch, false)),
                 None => to_look_up.push(query),
             }
@@ -136,7 +154,7 @@ impl Aggregator {
                 tracing::info_span!("cache.lookup", keys = keys.len() as i64, found = Empty);
             let found = self
                 .coordinator
-                .lookup(&keys)
+                .lookup(&keys, deadline)
                 .instrument(lookup_span.clone())
                 .await;
             lookup_span.record("found", found.iter().filter(|f| f.is_some()).count() as i64);
@@ -147,7 +165,7 @@ impl Aggregator {
                 answers.insert(query.key.clone(), answer_from_cache(cached));
                 continue;
             }
-            match self.flights.join(&query.key) {
+            match self.flights.join(&query.key, deadline) {
                 Joined::Lead(lead, watch) => {
                     to_lead.push((query.clone(), lead));
                     waits.push((query.key.clone(), watch, true));
@@ -186,9 +204,13 @@ impl Aggregator {
                     (true, Origin::Produced) => CacheStatus::Miss,
                     _ => CacheStatus::Coalesced,
                 };
+                if status == CacheStatus::Coalesced {
+                    record_wake(&resolved);
+                }
                 Answer {
                     entry: resolved.entry,
                     status,
+                    degraded: resolved.degraded,
                 }
             });
             (key, answer)
@@ -200,60 +222,146 @@ impl Aggregator {
         answers
     }
 
-    /// Produces the answers of the flights this process leads.
+    /// The coalescing protocol for the flights this process leads: **try,
+    /// then call, then wait.** Every key's lock is tried once (one round
+    /// trip); the BI is called at once for the keys won; each key lost is
+    /// waited on by itself, and when its holder goes away without an answer
+    /// it is tried again in a follow-up round. No lock is held while waiting
+    /// for anything but its own BI call.
     async fn produce(self: Arc<Self>, leads: Vec<(PlannedQuery, FlightLead)>) {
-        let deadline = Instant::now() + self.settings.produce_timeout;
-        let decided = join_all(leads.into_iter().map(|(query, flight)| async {
-            let decision = self.coordinator.lead_or_wait(&query.key, deadline).await;
-            (query, flight, decision)
-        }))
-        .await;
-
-        let mut productions = Vec::new();
-        for (query, flight, decision) in decided {
-            match decision {
-                LeadOrWait::Lead(lease) => productions.push(Production {
-                    query,
-                    flight,
-                    lease,
-                }),
-                LeadOrWait::Failed(error) => flight.complete(Err(error)),
-                LeadOrWait::Settled { cached, origin } => {
-                    flight.complete(match cached {
-                        Cached::Value(entry) => Ok(Resolved { entry, origin }),
-                        Cached::Error(negative) => Err(negative.error.clone()),
-                    });
+        let mut pending: Vec<Pending> = leads
+            .into_iter()
+            .map(|(query, flight)| Pending {
+                query,
+                flight,
+                takeover: false,
+            })
+            .collect();
+        let mut calls: FuturesUnordered<JoinHandle<()>> = FuturesUnordered::new();
+        let mut waits: FuturesUnordered<BoxFuture<'_, Option<Pending>>> = FuturesUnordered::new();
+        loop {
+            if !pending.is_empty() {
+                let keys: Vec<CacheKey> = pending.iter().map(|p| p.query.key.clone()).collect();
+                let deadline = pending
+                    .iter()
+                    .map(|p| p.flight.deadline().get())
+                    .max()
+                    .unwrap_or_else(Instant::now);
+                let decisions = self.coordinator.try_lead(&keys, deadline).await;
+                let mut won = Vec::new();
+                for (key, decision) in pending.drain(..).zip(decisions) {
+                    match decision {
+                        Decision::Lead(lease) => {
+                            if key.takeover {
+                                tracing::info!(
+                                    key = key.query.key.short(),
+                                    "took over a key whose holder went away"
+                                );
+                                metrics::counter!(names::TAKEOVERS).increment(1);
+                            }
+                            won.push(Production {
+                                query: key.query,
+                                flight: key.flight,
+                                lease,
+                            });
+                        }
+                        Decision::Settled(cached) => {
+                            let origin = if key.takeover {
+                                Origin::Waited
+                            } else {
+                                Origin::Found
+                            };
+                            key.flight.complete(resolved(cached, origin));
+                        }
+                        Decision::Busy => waits.push(self.wait_for(key).boxed()),
+                        Decision::Failed(error) => key.flight.complete(Err(error)),
+                    }
+                }
+                for batch in into_batches(won, self.settings.max_batch_size) {
+                    let this = Arc::clone(&self);
+                    calls.push(tokio::spawn(this.produce_batch(batch).in_current_span()));
+                }
+            }
+            if calls.is_empty() && waits.is_empty() {
+                return;
+            }
+            tokio::select! {
+                Some(_) = calls.next(), if !calls.is_empty() => {}
+                Some(gone) = waits.next(), if !waits.is_empty() => {
+                    pending.extend(gone);
+                    if !pending.is_empty() {
+                        let gather = tokio::time::sleep(FOLLOW_UP_WINDOW);
+                        tokio::pin!(gather);
+                        loop {
+                            tokio::select! {
+                                () = &mut gather => break,
+                                Some(gone) = waits.next(), if !waits.is_empty() => pending.extend(gone),
+                            }
+                        }
+                    }
                 }
             }
         }
+    }
 
-        let batches = into_batches(productions, self.settings.max_batch_size);
-        join_all(batches.into_iter().map(|batch| self.produce_batch(batch))).await;
+    /// Waits for the holder of `key`'s lock; gives the key back when the
+    /// holder went away without an answer.
+    async fn wait_for(&self, key: Pending) -> Option<Pending> {
+        match self
+            .coordinator
+            .wait(&key.query.key, key.flight.deadline())
+            .await
+        {
+            Waited::Settled(cached) => {
+                key.flight.complete(resolved(cached, Origin::Waited));
+                None
+            }
+            Waited::HolderGone => Some(Pending {
+                takeover: true,
+                ..key
+            }),
+            Waited::Failed(error) => {
+                key.flight.complete(Err(error));
+                None
+            }
+        }
     }
 
     /// One BI call for a batch; when the BI rejects a batch of several, each
     /// query is asked again alone, so one bad panel does not fail the others.
-    async fn produce_batch(&self, batch: Vec<Production>) {
+    async fn produce_batch(self: Arc<Self>, batch: Vec<Production>) {
+        if let Some(left) = self.cooldown_left() {
+            self.settle_error(batch, AnswerError::cooling_down(left))
+                .await;
+            return;
+        }
         match self.call_bi(&batch).await {
             Ok(answer) => self.settle_rows(batch, answer).await,
             Err(err) if batch.len() > 1 && err.is_about_the_queries() => {
                 tracing::info!(error = %err, queries = batch.len(), "BI rejected a batch; asking its queries one by one");
-                join_all(batch.into_iter().map(|production| async move {
+                join_all(batch.into_iter().map(|production| async {
                     let single = vec![production];
                     match self.call_bi(&single).await {
                         Ok(answer) => self.settle_rows(single, answer).await,
-                        Err(err) => self.settle_error(single, &err).await,
+                        Err(err) => self.settle_bi_error(single, &err).await,
                     }
                 }))
                 .await;
             }
-            Err(err) => self.settle_error(batch, &err).await,
+            Err(err) => self.settle_bi_error(batch, &err).await,
         }
     }
 
-    async fn call_bi(&self, batch: &[Production]) -> Result<BiAnswer, crate::bi::BiError> {
+    async fn call_bi(&self, batch: &[Production]) -> Result<BiAnswer, BiError> {
         let queries: Vec<&CubeQuery> = batch.iter().map(|p| &*p.query.cube).collect();
         self.bi.load(&queries).await
+    }
+
+    fn cooldown_left(&self) -> Option<Duration> {
+        let until = *self.cooldown.lock().unwrap_or_else(|p| p.into_inner());
+        until
+            .map(|until| until.saturating_duration_since(Instant::now()))
+            .filter(|left| !left.is_zero())
     }
 
     async fn settle_rows(&self, batch: Vec<Production>, answer: BiAnswer) {
@@ -268,6 +376,7 @@ impl Aggregator {
                 )
                 .produced_by_call(call.as_ref()),
             );
+            let degraded = production.lease.is_degraded();
             // Store first, then wake: a request arriving after the flight
             // ends must find the answer in the store.
             self.coordinator
@@ -276,18 +385,71 @@ impl Aggregator {
             production.flight.complete(Ok(Resolved {
                 entry,
                 origin: Origin::Produced,
+                degraded,
             }));
         }
     }
 
-    async fn settle_error(&self, batch: Vec<Production>, err: &crate::bi::BiError) {
+    async fn settle_bi_error(&self, batch: Vec<Production>, err: &BiError) {
         tracing::warn!(error = %err, kind = err.kind(), queries = batch.len(), "BI call failed");
-        let error = AnswerError::from(err);
+        let error = answer_error(err);
+        if error.kind == AnswerErrorKind::RateLimited {
+            let until = Instant::now() + error.remember_for(self.settings.negative_ttl);
+            *self.cooldown.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+        }
+        self.settle_error(batch, error).await;
+    }
+
+    async fn settle_error(&self, batch: Vec<Production>, error: AnswerError) {
         for production in batch {
             self.coordinator.fail(production.lease, error.clone()).await;
             production.flight.complete(Err(error.clone()));
         }
     }
+}
+
+/// The answer a BI failure gives every request that waited for the call.
+pub fn answer_error(err: &BiError) -> AnswerError {
+    let kind = match err {
+        BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => {
+            AnswerErrorKind::BiError
+        }
+        BiError::Unreachable(_) | BiError::Timeout(_) => AnswerErrorKind::BiUnavailable,
+        BiError::RateLimited { .. } => AnswerErrorKind::RateLimited,
+    };
+    let retry_after_secs = match err {
+        BiError::RateLimited { retry_after } => retry_after.map(|d| d.as_secs().max(1)),
+        _ => None,
+    };
+    AnswerError {
+        kind,
+        message: err.to_string(),
+        retry_after_secs,
+    }
+}
+
+fn resolved(cached: Cached, origin: Origin) -> Result<Resolved, AnswerError> {
+    match cached {
+        Cached::Value(entry) => Ok(Resolved {
+            entry,
+            origin,
+            degraded: false,
+        }),
+        Cached::Error(negative) => Err(negative.error.clone()),
+    }
+}
+
+/// How soon after the producer got its rows a waiter was answered:
+/// the follower wake-up latency (value written, waiter woken, answer ready).
+fn record_wake(resolved: &Resolved) {
+    let micros = unix_micros().saturating_sub(resolved.entry.produced_at_us);
+    let via = if resolved.origin == Origin::Waited {
+        "redis"
+    } else {
+        "process"
+    };
+    metrics::histogram!(names::WAKE_LATENCY, "via" => via).record(micros as f64 / 1e6);
+    tracing::debug!(target: "analytics_gateway::wake", wake_us = micros, via, "follower answered");
 }
 
 fn count_answer(answer: &AnswerResult) {
@@ -303,6 +465,7 @@ fn answer_from_cache(cached: Cached) -> AnswerResult {
         Cached::Value(entry) => Ok(Answer {
             entry,
             status: CacheStatus::Hit,
+            degraded: false,
         }),
         Cached::Error(negative) => {
             metrics::counter!(names::NEGATIVE_CACHE_HITS).increment(1);

@@ -83,9 +83,15 @@ pub struct Cli {
     #[arg(long, env = "REDIS_LOCK_TTL_MS", default_value_t = 3_000)]
     pub redis_lock_ttl_ms: u64,
 
-    /// Timeout of one Redis command; past it the gateway treats Redis as down.
+    /// Timeout of one Redis command; a command that fails or times out is
+    /// retried (within the request's deadline) until Redis is down.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 1_000)]
     pub redis_timeout_ms: u64,
+
+    /// Redis counts as down (degraded mode: in-process coalescing only) when
+    /// no command has succeeded for this long; unset means one lock TTL.
+    #[arg(long, env = "REDIS_DOWN_AFTER_MS")]
+    pub redis_down_after_ms: Option<u64>,
 
     /// Whether the gateway may turn on keyspace notifications with CONFIG SET
     /// (managed Redis often forbids it; then waiters poll).
@@ -228,6 +234,18 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// For tests only: shifts this process's wall clock by this many
+    /// milliseconds (negative: behind), so instances whose clocks disagree
+    /// can be tried without touching the machine's clock.
+    #[arg(
+        long,
+        env = "GATEWAY_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        hide = true
+    )]
+    pub clock_offset_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -267,6 +285,8 @@ pub struct Config {
     pub catalog_refresh: Duration,
     pub instance_id: String,
     pub telemetry: TelemetrySettings,
+    /// Added to the wall clock (tests only; see `Cli::clock_offset_ms`).
+    pub clock_offset_ms: i64,
 }
 
 /// Where the BI is.
@@ -303,6 +323,7 @@ pub struct RedisOptions {
     pub url: String,
     pub lock_ttl: Duration,
     pub command_timeout: Duration,
+    pub down_after: Duration,
     pub configure_notifications: bool,
     pub local_cache: bool,
 }
@@ -453,6 +474,9 @@ impl Config {
                     url: url.to_owned(),
                     lock_ttl: Duration::from_millis(cli.redis_lock_ttl_ms),
                     command_timeout: Duration::from_millis(cli.redis_timeout_ms),
+                    down_after: Duration::from_millis(
+                        cli.redis_down_after_ms.unwrap_or(cli.redis_lock_ttl_ms),
+                    ),
                     configure_notifications: cli.redis_configure_notifications,
                     local_cache: cli.redis_local_cache,
                 })
@@ -476,6 +500,9 @@ impl Config {
             return Err(bad("REDIS_LOCK_TTL_MS", "must be at least 100"));
         }
         positive("REDIS_TIMEOUT_MS", cli.redis_timeout_ms)?;
+        if let Some(down_after) = cli.redis_down_after_ms {
+            positive("REDIS_DOWN_AFTER_MS", down_after)?;
+        }
         positive("REQUEST_TIMEOUT_SECS", cli.request_timeout_secs)?;
         positive("MAX_DATE_RANGE_DAYS", u64::from(cli.max_date_range_days))?;
         positive("MAX_MEASURES", cli.max_measures as u64)?;
@@ -606,6 +633,7 @@ impl Config {
                 service_name: cli.otel_service_name,
                 trace_customer_ids: cli.trace_customer_ids,
             },
+            clock_offset_ms: cli.clock_offset_ms,
         })
     }
 

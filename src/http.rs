@@ -23,9 +23,12 @@ use tower_http::limit::RequestBodyLimitLayer;
 use crate::aggregate::Aggregator;
 use crate::auth::{Authenticator, Identity};
 use crate::bi::BiClient;
+use crate::coalesce::{Counters, StoreHealth};
 use crate::config::GraphqlLimits;
 use crate::graphql::limits::{DocumentLimits, LimitError, check_document, check_tokens};
-use crate::graphql::{AggregateLoader, ErrorCode, GatewaySchema, classify_request_errors};
+use crate::graphql::{
+    AggregateLoader, DegradedMarker, ErrorCode, GatewaySchema, classify_request_errors,
+};
 use crate::telemetry::{self, names};
 use tracing::Instrument;
 
@@ -39,6 +42,10 @@ pub struct AppState {
     pub authenticator: Option<Arc<Authenticator>>,
     pub limits: GraphqlLimits,
     pub aggregator: Arc<Aggregator>,
+    /// Quota counters, handed to each request's dataloader.
+    pub counters: Arc<dyn Counters>,
+    /// How the shared store is doing, for `/readyz`.
+    pub store_health: Arc<dyn StoreHealth>,
     pub bi: BiClient,
     pub metrics: PrometheusHandle,
     pub request_timeout: Duration,
@@ -166,12 +173,13 @@ async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: B
                 .map(|request| execute(&state, &headers, identity.clone(), request)),
         )
         .await;
-        return with_degraded_flag(&state, Json(responses).into_response());
+        let degraded = responses.iter().any(is_degraded);
+        return with_degraded_flag(degraded, Json(responses).into_response());
     }
     match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => {
             let response = execute(&state, &headers, identity, request).await;
-            with_degraded_flag(&state, Json(response).into_response())
+            with_degraded_flag(is_degraded(&response), Json(response).into_response())
         }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
@@ -240,7 +248,7 @@ async fn graphql_get(
         Ok(request) => {
             let identity = state.identify(&headers);
             let response = execute(&state, &headers, identity, request).await;
-            with_degraded_flag(&state, Json(response).into_response())
+            with_degraded_flag(is_degraded(&response), Json(response).into_response())
         }
         Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
     }
@@ -272,6 +280,7 @@ async fn execute(
         span.record("trace_id", trace_id);
     }
 
+    let degraded = DegradedMarker::default();
     let mut response = match check_limits(state, &mut request) {
         Err(refused) => async_graphql::Response::from_errors(vec![refused]),
         Ok(()) => {
@@ -279,6 +288,7 @@ async fn execute(
             let loader = DataLoader::new(
                 AggregateLoader::new(
                     Arc::clone(&state.aggregator),
+                    Arc::clone(&state.counters),
                     deadline,
                     span.clone(),
                     identity.clone(),
@@ -294,7 +304,7 @@ async fn execute(
                 &state.schema_without_suggestions
             };
             schema
-                .execute(request.data(loader).data(identity))
+                .execute(request.data(loader).data(identity).data(degraded.clone()))
                 .instrument(span)
                 .await
         }
@@ -302,13 +312,19 @@ async fn execute(
     classify_request_errors(&mut response);
     metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation)
         .record(started.elapsed().as_secs_f64());
-    if state.aggregator.coordinator().is_degraded() {
+    // Decided by how the answers were produced, not by how Redis is doing
+    // now: a degraded answer always says so, and only those do.
+    if degraded.is_marked() {
         response.extensions.insert(
-            "degraded".to_owned(),
-            async_graphql::Value::from("redis-unavailable"),
+            DEGRADED_EXTENSION.to_owned(),
+            async_graphql::Value::from(DEGRADED_VALUE),
         );
     }
     response
+}
+
+fn is_degraded(response: &async_graphql::Response) -> bool {
+    response.extensions.contains_key(DEGRADED_EXTENSION)
 }
 
 /// The cost limits async-graphql does not check: tokens before parsing, then
@@ -344,18 +360,21 @@ fn check_limits(
 
 /// While Redis is down, answers come from in-process coalescing and direct
 /// BI calls: correct, but not shared across instances. Say so.
-fn with_degraded_flag(state: &AppState, mut response: Response) -> Response {
-    if state.aggregator.coordinator().is_degraded() {
+fn with_degraded_flag(degraded: bool, mut response: Response) -> Response {
+    if degraded {
         response.headers_mut().insert(
             DEGRADED_HEADER,
-            header::HeaderValue::from_static("redis-unavailable"),
+            header::HeaderValue::from_static(DEGRADED_VALUE),
         );
     }
     response
 }
 
-/// Set on GraphQL responses served while Redis is unavailable.
+/// Set on GraphQL responses with an answer produced while Redis was unavailable.
 pub const DEGRADED_HEADER: &str = "x-gateway-degraded";
+/// The response extension saying the same.
+const DEGRADED_EXTENSION: &str = "degraded";
+const DEGRADED_VALUE: &str = "redis-unavailable";
 
 /// A request that is not GraphQL at all: HTTP 400 with a GraphQL-shaped body.
 fn request_error(message: &str) -> Response {
@@ -373,7 +392,7 @@ async fn healthz() -> &'static str {
 /// 200 while the BI answers; the body says how each dependency is doing.
 async fn readyz(State(state): State<AppState>) -> Response {
     let bi_up = state.bi.is_reachable(Duration::from_secs(2)).await;
-    let coordinator = state.aggregator.coordinator().describe();
+    let coordinator = state.store_health.describe();
     let status = if bi_up {
         StatusCode::OK
     } else {

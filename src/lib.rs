@@ -38,7 +38,7 @@ use crate::aggregate::{Aggregator, AggregatorSettings};
 use crate::auth::Authenticator;
 use crate::bi::{BiClient, BiError, BiSettings};
 use crate::catalog::CatalogStore;
-use crate::coalesce::{Coordinator, LocalCoordinator, RedisCoordinator, RedisSettings};
+use crate::coalesce::{Backend, LocalCoordinator, RedisCoordinator, RedisSettings};
 use crate::config::{BiTarget, Config, Coordination};
 use crate::graphql::SchemaContext;
 use crate::query::Planner;
@@ -77,6 +77,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let mut tasks = TaskGuard(Vec::new());
+    if config.clock_offset_ms != 0 {
+        cache::set_clock_offset(
+            std::time::Duration::from_millis(config.clock_offset_ms.unsigned_abs()),
+            config.clock_offset_ms > 0,
+        );
+        tracing::warn!(
+            offset_ms = config.clock_offset_ms,
+            "GATEWAY_CLOCK_OFFSET_MS is set: this process's wall clock is shifted (for tests only)"
+        );
+    }
 
     let base_url = match &config.bi {
         BiTarget::Remote { base_url } => base_url.clone(),
@@ -107,21 +117,23 @@ pub async fn run(
         continue_wait_delay: config.bi_client.continue_wait_delay,
     })?;
 
-    let coordinator: Arc<dyn Coordinator> = match &config.coordination {
-        Coordination::InProcess => Arc::new(LocalCoordinator::new(
+    let backend = match &config.coordination {
+        Coordination::InProcess => Backend::of(LocalCoordinator::new(
             config.cache.memory_max_bytes,
             config.cache.negative_ttl,
         )),
-        Coordination::Redis(options) => Arc::new(
+        Coordination::Redis(options) => Backend::of(
             RedisCoordinator::start(RedisSettings {
                 url: options.url.clone(),
                 namespace: config.cache.namespace.clone(),
                 lock_ttl: options.lock_ttl,
                 command_timeout: options.command_timeout,
+                down_after: options.down_after,
                 configure_notifications: options.configure_notifications,
                 local_cache: options.local_cache,
                 memory_max_bytes: config.cache.memory_max_bytes,
                 negative_ttl: config.cache.negative_ttl,
+                value_ttl: config.cache.ttl,
                 instance_id: config.instance_id.clone(),
             })
             .await
@@ -130,12 +142,12 @@ pub async fn run(
     };
 
     let aggregator = Aggregator::new(
-        coordinator,
+        backend.coordinator,
         bi.clone(),
         AggregatorSettings {
             ttl: config.cache.ttl,
+            negative_ttl: config.cache.negative_ttl,
             max_batch_size: config.bi_client.max_batch_size,
-            produce_timeout: config.request_timeout,
             instance_id: config.instance_id.clone(),
             row_limit: config.planner.row_limit,
         },
@@ -192,6 +204,8 @@ pub async fn run(
         authenticator,
         limits: config.graphql.clone(),
         aggregator,
+        counters: backend.counters,
+        store_health: backend.health,
         bi,
         metrics: telemetry::metrics_handle(),
         request_timeout: config.request_timeout,

@@ -1,7 +1,8 @@
 //! Logs, traces and metrics: set up once per process, named in one place.
 //!
 //! Span names: `graphql.request` (exported as `query <operation>`), `dataloader.batch`,
-//! `cache.lookup`, `aggregate.produce`, `coalesce.lead_or_wait`, `redis.lock`,
+//! `cache.lookup`, `aggregate.produce`, `redis.lock` (one try for the locks of
+//! a batch of keys), `coalesce.wait` (one wait for another producer),
 //! `bi.call` (one per HTTP request to the BI).
 
 use std::sync::OnceLock;
@@ -53,6 +54,12 @@ pub mod names {
     pub const REDIS_WAIT: &str = "redis_wait_duration_seconds";
     /// Pub/sub channels this instance is subscribed to.
     pub const PUBSUB_CHANNELS: &str = "redis_pubsub_channels";
+    /// Redis commands that failed or timed out (each is retried while Redis
+    /// is up, within the request's deadline).
+    pub const REDIS_COMMAND_FAILURES: &str = "redis_command_failures_total";
+    /// Time from a producer getting its rows to a waiting request having
+    /// them, by `via` (redis: another instance's call; process: this one's).
+    pub const WAKE_LATENCY: &str = "coalesce_wake_duration_seconds";
     /// GraphQL operations executed, by `operation` name.
     pub const GRAPHQL_DURATION: &str = "graphql_request_duration_seconds";
 }
@@ -291,6 +298,15 @@ fn describe_metrics() {
         "One bounded wait for another instance's answer"
     );
     describe_gauge!(names::PUBSUB_CHANNELS, "Pub/sub channels subscribed to");
+    describe_counter!(
+        names::REDIS_COMMAND_FAILURES,
+        "Redis commands that failed or timed out"
+    );
+    describe_histogram!(
+        names::WAKE_LATENCY,
+        Unit::Seconds,
+        "Time from a producer's rows to a waiting request's answer"
+    );
     describe_histogram!(
         names::HTTP_DURATION,
         Unit::Seconds,

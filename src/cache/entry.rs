@@ -1,44 +1,80 @@
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 
-use crate::bi::BiError;
 use crate::bi::protocol::Row;
 
-/// Milliseconds since the Unix epoch: entries travel between instances, so
-/// their times are wall-clock times.
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+/// Added to the system clock by [`unix_micros`]: tests give instances clocks
+/// that disagree (`GATEWAY_CLOCK_OFFSET_MS`) without touching the machine's.
+static CLOCK_OFFSET_MICROS: AtomicI64 = AtomicI64::new(0);
+
+/// Shifts this process's wall clock; see [`CLOCK_OFFSET_MICROS`].
+pub fn set_clock_offset(offset: Duration, ahead: bool) {
+    let micros = i64::try_from(offset.as_micros()).unwrap_or(i64::MAX);
+    CLOCK_OFFSET_MICROS.store(if ahead { micros } else { -micros }, Ordering::Relaxed);
 }
 
-/// One BI answer, as cached. It never changes before it expires.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// Microseconds since the Unix epoch on this process's wall clock. Wall
+/// clocks of instances disagree, so they are used for display and
+/// measurement only: no expiry is ever decided by comparing them.
+pub fn unix_micros() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
+    now.saturating_add(CLOCK_OFFSET_MICROS.load(Ordering::Relaxed))
+        .max(0) as u64
+}
+
+/// Milliseconds since the Unix epoch; see [`unix_micros`].
+pub fn unix_millis() -> u64 {
+    unix_micros() / 1000
+}
+
+/// One BI answer, as held in process memory. It never changes before it
+/// expires.
+#[derive(Debug, Clone)]
 pub struct Entry {
     pub rows: Vec<Row>,
-    pub produced_at_ms: u64,
-    pub expires_at_ms: u64,
+    /// When the producer got the rows, on its wall clock (for display and for
+    /// measuring how soon waiters were answered).
+    pub produced_at_us: u64,
     /// The instance whose BI call produced the rows.
     pub producer: String,
     /// The trace and span of the `bi.call` that produced the rows, when
     /// traces are exported: answers served from this entry link to it.
-    #[serde(default)]
     pub trace_id: Option<String>,
-    #[serde(default)]
     pub span_id: Option<String>,
     /// The row limit the query was sent with: as many rows as this means
     /// the BI may have cut the answer.
     pub row_limit: u32,
+    /// When this copy stops being served, on this process's monotonic clock:
+    /// a copy read from Redis gets the key's remaining lifetime (`PTTL`), so
+    /// instances whose clocks disagree still agree on when an entry ends.
+    pub expires_at: Instant,
     /// The rows as the serving layer renders them, built on first use and
     /// shared by every answer served from this entry (an entry never
     /// changes, so neither does its rendering). Type-erased: the cache knows
     /// nothing of GraphQL.
-    #[serde(skip)]
     pub rendered: RenderMemo,
+}
+
+/// What travels between instances (the Redis value): everything but the
+/// expiry, which is the key's own `PTTL`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredEntry {
+    pub rows: Vec<Row>,
+    pub produced_at_us: u64,
+    pub producer: String,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+    #[serde(default)]
+    pub span_id: Option<String>,
+    pub row_limit: u32,
 }
 
 /// A once-built rendering of an entry's rows (see [`Entry::rendered`]).
@@ -62,30 +98,16 @@ impl std::fmt::Debug for RenderMemo {
     }
 }
 
-impl PartialEq for Entry {
-    /// Equal content; the memoised rendering is derived and does not count.
-    fn eq(&self, other: &Entry) -> bool {
-        self.rows == other.rows
-            && self.produced_at_ms == other.produced_at_ms
-            && self.expires_at_ms == other.expires_at_ms
-            && self.producer == other.producer
-            && self.trace_id == other.trace_id
-            && self.span_id == other.span_id
-            && self.row_limit == other.row_limit
-    }
-}
-
 impl Entry {
     pub fn new(rows: Vec<Row>, ttl: Duration, producer: &str, row_limit: u32) -> Entry {
-        let now = unix_millis();
         Entry {
             rows,
-            produced_at_ms: now,
-            expires_at_ms: now.saturating_add(ttl.as_millis() as u64),
+            produced_at_us: unix_micros(),
             producer: producer.to_owned(),
             trace_id: None,
             span_id: None,
             row_limit,
+            expires_at: Instant::now() + ttl,
             rendered: RenderMemo::default(),
         }
     }
@@ -97,6 +119,37 @@ impl Entry {
             self.span_id = Some(call.span_id.clone());
         }
         self
+    }
+
+    /// The entry another instance stored, with `time_left` of its life.
+    pub fn from_stored(stored: StoredEntry, time_left: Duration) -> Entry {
+        Entry {
+            rows: stored.rows,
+            produced_at_us: stored.produced_at_us,
+            producer: stored.producer,
+            trace_id: stored.trace_id,
+            span_id: stored.span_id,
+            row_limit: stored.row_limit,
+            expires_at: Instant::now() + time_left,
+            rendered: RenderMemo::default(),
+        }
+    }
+
+    /// What to store for other instances.
+    pub fn to_stored(&self) -> StoredEntry {
+        StoredEntry {
+            rows: self.rows.clone(),
+            produced_at_us: self.produced_at_us,
+            producer: self.producer.clone(),
+            trace_id: self.trace_id.clone(),
+            span_id: self.span_id.clone(),
+            row_limit: self.row_limit,
+        }
+    }
+
+    /// How long this copy may still be served.
+    pub fn time_left(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
     }
 
     /// Whether the BI may have dropped rows past the limit.
@@ -159,6 +212,15 @@ impl AnswerError {
         }
     }
 
+    /// The BI asked everyone to back off for `left`.
+    pub fn cooling_down(left: Duration) -> AnswerError {
+        AnswerError {
+            kind: AnswerErrorKind::RateLimited,
+            message: "the BI is rate limiting; no BI calls until its cool-down ends".into(),
+            retry_after_secs: Some(left.as_millis().div_ceil(1000).max(1) as u64),
+        }
+    }
+
     /// How long this failure is remembered: the negative-cache time, or the
     /// BI's own `Retry-After` when that is longer.
     pub fn remember_for(&self, negative_ttl: Duration) -> Duration {
@@ -167,33 +229,12 @@ impl AnswerError {
     }
 }
 
-impl From<&BiError> for AnswerError {
-    fn from(err: &BiError) -> AnswerError {
-        let kind = match err {
-            BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => {
-                AnswerErrorKind::BiError
-            }
-            BiError::Unreachable(_) | BiError::Timeout(_) => AnswerErrorKind::BiUnavailable,
-            BiError::RateLimited { .. } => AnswerErrorKind::RateLimited,
-        };
-        let retry_after_secs = match err {
-            BiError::RateLimited { retry_after } => retry_after.map(|d| d.as_secs().max(1)),
-            _ => None,
-        };
-        AnswerError {
-            kind,
-            message: err.to_string(),
-            retry_after_secs,
-        }
-    }
-}
-
 /// A remembered failure.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NegativeEntry {
     pub error: AnswerError,
-    pub expires_at_ms: u64,
+    /// On this process's monotonic clock, like [`Entry::expires_at`].
+    pub expires_at: Instant,
 }
 
 impl NegativeEntry {
@@ -201,8 +242,20 @@ impl NegativeEntry {
         let remember = error.remember_for(negative_ttl);
         NegativeEntry {
             error,
-            expires_at_ms: unix_millis().saturating_add(remember.as_millis() as u64),
+            expires_at: Instant::now() + remember,
         }
+    }
+
+    /// The failure another instance stored, with `time_left` of its life.
+    pub fn from_stored(error: AnswerError, time_left: Duration) -> NegativeEntry {
+        NegativeEntry {
+            error,
+            expires_at: Instant::now() + time_left,
+        }
+    }
+
+    pub fn time_left(&self) -> Duration {
+        self.expires_at.saturating_duration_since(Instant::now())
     }
 }
 
@@ -214,10 +267,14 @@ pub enum Cached {
 }
 
 impl Cached {
-    pub fn expires_at_ms(&self) -> u64 {
+    pub fn expires_at(&self) -> Instant {
         match self {
-            Cached::Value(entry) => entry.expires_at_ms,
-            Cached::Error(negative) => negative.expires_at_ms,
+            Cached::Value(entry) => entry.expires_at,
+            Cached::Error(negative) => negative.expires_at,
         }
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.expires_at() > Instant::now()
     }
 }

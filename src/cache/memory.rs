@@ -1,12 +1,13 @@
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moka::sync::Cache;
 
-use super::entry::{Cached, unix_millis};
+use super::entry::Cached;
 use crate::query::CacheKey;
 
 /// A bounded in-process cache in which every item lives exactly until its
-/// own `expires_at` (answers and remembered errors expire differently).
+/// own `expires_at` (answers and remembered errors expire differently), on
+/// this process's monotonic clock.
 #[derive(Clone)]
 pub struct MemoryCache {
     items: Cache<CacheKey, Cached>,
@@ -19,18 +20,20 @@ impl moka::Expiry<CacheKey, Cached> for UntilExpiry {
         &self,
         _key: &CacheKey,
         value: &Cached,
-        _created_at: Instant,
+        _created_at: std::time::Instant,
     ) -> Option<Duration> {
-        Some(Duration::from_millis(
-            value.expires_at_ms().saturating_sub(unix_millis()),
-        ))
+        Some(
+            value
+                .expires_at()
+                .saturating_duration_since(tokio::time::Instant::now()),
+        )
     }
 
     fn expire_after_update(
         &self,
         key: &CacheKey,
         value: &Cached,
-        updated_at: Instant,
+        updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
         self.expire_after_create(key, value, updated_at)
@@ -55,13 +58,11 @@ impl MemoryCache {
     /// The item for `key` unless it has expired. moka evicts lazily, so the
     /// expiry is checked here too: an entry is never served past its time.
     pub fn get(&self, key: &CacheKey) -> Option<Cached> {
-        self.items
-            .get(key)
-            .filter(|item| item.expires_at_ms() > unix_millis())
+        self.items.get(key).filter(Cached::is_live)
     }
 
     pub fn insert(&self, key: CacheKey, item: Cached) {
-        if item.expires_at_ms() > unix_millis() {
+        if item.is_live() {
             self.items.insert(key, item);
         }
     }

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
+use super::Deadline;
 use crate::cache::{AnswerError, Entry};
 use crate::query::CacheKey;
 
@@ -24,10 +26,19 @@ pub enum Origin {
 pub struct Resolved {
     pub entry: Arc<Entry>,
     pub origin: Origin,
+    /// Produced without cross-instance coordination (Redis unreachable):
+    /// other instances may have paid for the same answer.
+    pub degraded: bool,
 }
 
 type Outcome = Result<Resolved, AnswerError>;
-type Slot = watch::Sender<Option<Outcome>>;
+
+/// One flight: where its outcome goes, and how long it may wait.
+#[derive(Clone)]
+struct Slot {
+    outcome: watch::Sender<Option<Outcome>>,
+    deadline: Deadline,
+}
 
 /// The flights in progress, by key.
 #[derive(Default)]
@@ -55,15 +66,22 @@ pub struct FlightLead {
 pub struct FlightWatch(watch::Receiver<Option<Outcome>>);
 
 impl Flights {
-    pub fn join(self: &Arc<Self>, key: &CacheKey) -> Joined {
+    /// Follows the flight for `key`, or starts it. Either way the flight may
+    /// wait for other producers until at least `deadline`.
+    pub fn join(self: &Arc<Self>, key: &CacheKey, deadline: Instant) -> Joined {
         let mut in_progress = self
             .in_progress
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(slot) = in_progress.get(key) {
-            return Joined::Follow(FlightWatch(slot.subscribe()));
+            slot.deadline.extend_to(deadline);
+            return Joined::Follow(FlightWatch(slot.outcome.subscribe()));
         }
-        let (slot, watch) = watch::channel(None);
+        let (outcome, watch) = watch::channel(None);
+        let slot = Slot {
+            outcome,
+            deadline: Deadline::new(deadline),
+        };
         in_progress.insert(key.clone(), slot.clone());
         Joined::Lead(
             FlightLead {
@@ -75,15 +93,17 @@ impl Flights {
         )
     }
 
-    /// The flight for `key`, if one is on its way; never starts one.
-    pub fn follow(&self, key: &CacheKey) -> Option<FlightWatch> {
+    /// The flight for `key`, if one is on its way (extended to `deadline`);
+    /// never starts one.
+    pub fn follow(&self, key: &CacheKey, deadline: Instant) -> Option<FlightWatch> {
         let in_progress = self
             .in_progress
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        in_progress
-            .get(key)
-            .map(|slot| FlightWatch(slot.subscribe()))
+        in_progress.get(key).map(|slot| {
+            slot.deadline.extend_to(deadline);
+            FlightWatch(slot.outcome.subscribe())
+        })
     }
 
     /// Number of flights in progress.
@@ -101,11 +121,16 @@ impl FlightLead {
         &self.key
     }
 
+    /// The latest deadline of the requests waiting on this flight.
+    pub fn deadline(&self) -> &Deadline {
+        &self.slot.deadline
+    }
+
     /// Hands the outcome to every follower and ends the flight. Call it after
     /// the outcome is in the store, so a request that arrives after the flight
     /// ended finds it there.
     pub fn complete(self, outcome: Outcome) {
-        self.slot.send_replace(Some(outcome));
+        self.slot.outcome.send_replace(Some(outcome));
         // Drop removes the flight.
     }
 }
@@ -119,7 +144,7 @@ impl Drop for FlightLead {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if in_progress
             .get(&self.key)
-            .is_some_and(|slot| slot.same_channel(&self.slot))
+            .is_some_and(|slot| slot.outcome.same_channel(&self.slot.outcome))
         {
             in_progress.remove(&self.key);
         }
@@ -165,6 +190,10 @@ mod tests {
         planner.plan(&query).key
     }
 
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
     fn entry() -> Arc<Entry> {
         Arc::new(Entry::new(Vec::new(), Duration::from_secs(1), "test", 10))
     }
@@ -173,32 +202,33 @@ mod tests {
     async fn followers_share_the_leaders_outcome_and_the_flight_ends() {
         let flights = Arc::new(Flights::default());
         let k = key("a");
-        let Joined::Lead(lead, lead_watch) = flights.join(&k) else {
+        let Joined::Lead(lead, lead_watch) = flights.join(&k, later()) else {
             panic!("first join must lead");
         };
-        let Joined::Follow(follow_watch) = flights.join(&k) else {
+        let Joined::Follow(follow_watch) = flights.join(&k, later()) else {
             panic!("second join must follow");
         };
         lead.complete(Ok(Resolved {
             entry: entry(),
             origin: Origin::Produced,
+            degraded: false,
         }));
         assert!(flights.is_empty());
         for watch in [lead_watch, follow_watch] {
             let resolved = watch.outcome().await.expect("an answer");
             assert_eq!(resolved.origin, Origin::Produced);
         }
-        assert!(matches!(flights.join(&k), Joined::Lead(..)));
+        assert!(matches!(flights.join(&k, later()), Joined::Lead(..)));
     }
 
     #[tokio::test]
     async fn a_dropped_lead_wakes_followers_with_an_error() {
         let flights = Arc::new(Flights::default());
         let k = key("b");
-        let Joined::Lead(lead, _) = flights.join(&k) else {
+        let Joined::Lead(lead, _) = flights.join(&k, later()) else {
             panic!("first join must lead");
         };
-        let Joined::Follow(watch) = flights.join(&k) else {
+        let Joined::Follow(watch) = flights.join(&k, later()) else {
             panic!("second join must follow");
         };
         let waiter = tokio::spawn(watch.outcome());

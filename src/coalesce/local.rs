@@ -6,12 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::{Coordinator, CoordinatorStatus, LeadOrWait, Lease, LocalCounters, Origin};
+use super::{
+    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, Lease, LeaseKind, LocalCounters,
+    StoreHealth, Waited,
+};
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
 
 /// With one process, the in-process flights already make each key's producer
-/// unique, so `lead_or_wait` leads unless the answer has just arrived.
+/// unique, so `try_lead` leads unless the answer has just arrived.
 pub struct LocalCoordinator {
     memory: MemoryCache,
     negative_ttl: Duration,
@@ -34,24 +37,28 @@ impl Coordinator for LocalCoordinator {
         self.memory.get(key)
     }
 
-    async fn lookup(&self, keys: &[CacheKey]) -> Vec<Option<Cached>> {
+    async fn lookup(&self, keys: &[CacheKey], _deadline: Instant) -> Vec<Option<Cached>> {
         keys.iter().map(|key| self.memory.get(key)).collect()
     }
 
-    async fn lead_or_wait(&self, key: &CacheKey, _deadline: Instant) -> LeadOrWait {
-        // The previous flight for this key may have filled it between the
-        // caller's lookup and its flight starting.
-        if let Some(cached) = self.memory.get(key) {
-            return LeadOrWait::Settled {
-                cached,
-                origin: Origin::Found,
-            };
-        }
-        LeadOrWait::Lead(Lease {
-            key: key.clone(),
-            token: String::new(),
-            keep_alive: None,
-        })
+    async fn try_lead(&self, keys: &[CacheKey], _deadline: Instant) -> Vec<Decision> {
+        keys.iter()
+            .map(|key| match self.memory.get(key) {
+                // The previous flight for this key may have filled it between
+                // the caller's lookup and its flight starting.
+                Some(cached) => Decision::Settled(cached),
+                None => Decision::Lead(Lease {
+                    key: key.clone(),
+                    kind: LeaseKind::InProcess,
+                    keep_alive: None,
+                }),
+            })
+            .collect()
+    }
+
+    async fn wait(&self, _key: &CacheKey, _deadline: &Deadline) -> Waited {
+        // Nobody else holds keys here; never reached through `try_lead`.
+        Waited::HolderGone
     }
 
     async fn fill(&self, lease: Lease, entry: Arc<Entry>) {
@@ -63,15 +70,16 @@ impl Coordinator for LocalCoordinator {
         self.memory
             .insert(lease.key, Cached::Error(Arc::new(negative)));
     }
+}
 
+#[async_trait]
+impl Counters for LocalCoordinator {
     async fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration) {
         self.counters.count(name, amount, window)
     }
+}
 
-    fn is_degraded(&self) -> bool {
-        false
-    }
-
+impl StoreHealth for LocalCoordinator {
     fn describe(&self) -> CoordinatorStatus {
         CoordinatorStatus {
             mode: "in-process",

@@ -5,11 +5,38 @@
 //!   first request leads it, the rest follow. Always on.
 //! - a [`Coordinator`]: the store behind the flights and, across processes,
 //!   who produces each key. [`LocalCoordinator`] is the embedded mode (the
-//!   process is the whole world); a Redis coordinator spans instances.
+//!   process is the whole world); [`RedisCoordinator`] spans instances.
 //!
-//! Architecture invariant: every wait has a deadline, and every lead is
-//! either completed or dropped, which wakes its followers with an error.
+//! The producing task of a flight (in `aggregate.rs`) runs the protocol:
+//! **try, then call, then wait**. It tries every lock of its keys once
+//! ([`Coordinator::try_lead`], one round trip), calls the BI at once for the
+//! keys it won, and waits for each key it lost on its own
+//! ([`Coordinator::wait`]); a key whose holder goes away is tried again in a
+//! follow-up round.
+//!
+//! # Invariants
+//!
+//! Each one is shown by tests that fire concurrent requests at several real
+//! instances and count BI calls (`ARCHITECTURE.md` names them).
+//!
+//! 1. **One BI call per key per cache lifetime.** Inside a process a key has
+//!    at most one flight; across processes at most one holder of its lock.
+//! 2. **At most one extra BI call per key per single fault**: a dead leader,
+//!    a lost lock, a Redis pause, restart or dropped connection.
+//! 3. **No lock is held while waiting.** A producing task holds only the
+//!    locks of keys whose BI call it is making; it never waits for another
+//!    holder while holding one.
+//! 4. **Every wait has a deadline**: the latest deadline of the requests
+//!    waiting on the flight ([`Deadline`]), and for a Redis wait also the
+//!    lock's remaining time, after which the key is tried again.
+//! 5. **Only the owner renews or releases a lock**, by its token; one token
+//!    per decision, so a retried command that had landed counts as a win.
+//!    The fill writes when the lock is its own or gone (a paid answer is
+//!    never thrown away) and skips only when another token holds it.
+//! 6. **An error is never cached as a success**, and never overwrites a
+//!    success another leader stored.
 
+mod deadline;
 mod flights;
 mod local;
 pub mod redis;
@@ -21,6 +48,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+pub use deadline::Deadline;
 pub use flights::{FlightLead, FlightWatch, Flights, Joined, Origin, Resolved};
 pub use local::LocalCoordinator;
 pub use redis::{RedisCoordinator, RedisSettings};
@@ -32,57 +60,115 @@ use crate::query::CacheKey;
 /// and then either [`Coordinator::fill`]s or [`Coordinator::fail`]s it.
 pub struct Lease {
     pub key: CacheKey,
-    /// The owner token of a distributed lock; empty in-process.
-    pub token: String,
+    pub kind: LeaseKind,
     /// Dropped with the lease: stops whatever keeps the lease alive.
     pub keep_alive: Option<Box<dyn Send + Sync>>,
 }
 
-/// The outcome of [`Coordinator::lead_or_wait`].
-pub enum LeadOrWait {
+/// What a lease stands on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// The process is the whole world (embedded mode).
+    InProcess,
+    /// A distributed lock held with this owner token.
+    Locked { token: String },
+    /// No lock could be taken (the shared store is down): other instances
+    /// may produce the same key. Answers produced so say they are degraded.
+    Uncoordinated,
+}
+
+impl Lease {
+    pub fn is_degraded(&self) -> bool {
+        self.kind == LeaseKind::Uncoordinated
+    }
+}
+
+/// What one try for a key's lead came to.
+pub enum Decision {
     /// This process produces the answer.
     Lead(Lease),
-    /// Somebody else's answer (or error) is there.
-    Settled { cached: Cached, origin: Origin },
-    /// Neither: the wait for another producer passed the deadline.
+    /// The answer (or a remembered error, or the BI's cool-down) is there.
+    Settled(Cached),
+    /// Another producer holds the key's lock: wait with [`Coordinator::wait`].
+    Busy,
+    /// The store could not be asked before the deadline.
     Failed(AnswerError),
 }
 
-/// The interface between request handling and the store of answers.
+/// How a wait for another producer ended.
+pub enum Waited {
+    Settled(Cached),
+    /// The lock is gone without an answer (its holder died, or lost it):
+    /// try to lead the key again.
+    HolderGone,
+    /// The deadline passed.
+    Failed(AnswerError),
+}
+
+/// The store of answers and, across processes, the election of one producer
+/// per key. Answers are looked up by the request flow; the rest is called by
+/// the producing task of a flight, once per key at a time per process.
 #[async_trait]
 pub trait Coordinator: Send + Sync + 'static {
     /// What process memory holds for `key`, without I/O or waiting.
     fn peek(&self, key: &CacheKey) -> Option<Cached>;
 
-    /// Looks `keys` up in the store, in one round trip; `None` is a miss.
-    async fn lookup(&self, keys: &[CacheKey]) -> Vec<Option<Cached>>;
+    /// Looks `keys` up in the store, in one round trip when it can; `None` is
+    /// a miss. Gives up (all misses) at `deadline` or when the store is down.
+    async fn lookup(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Option<Cached>>;
 
-    /// Becomes the producer of `key`, or waits (until `deadline`) for the
-    /// one that is. Called once per key at a time per process.
-    async fn lead_or_wait(&self, key: &CacheKey, deadline: Instant) -> LeadOrWait;
+    /// Tries once to become the producer of each key (one round trip where
+    /// the store allows), retrying only the store's own failures.
+    async fn try_lead(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Decision>;
+
+    /// Waits for the producer that holds `key` to settle it or go away.
+    async fn wait(&self, key: &CacheKey, deadline: &Deadline) -> Waited;
 
     /// Stores the producer's answer and gives up the lease, in one step.
     async fn fill(&self, lease: Lease, entry: Arc<Entry>);
 
-    /// Remembers the producer's failure for the negative-cache time and
-    /// gives up the lease.
+    /// Remembers the producer's failure for the negative-cache time (and a
+    /// rate limit as a cool-down for every producer) and gives up the lease.
     async fn fail(&self, lease: Lease, error: AnswerError);
+}
 
+/// Fixed-window counters for quotas, shared by all instances when the store
+/// is shared.
+#[async_trait]
+pub trait Counters: Send + Sync + 'static {
     /// Adds `amount` to the counter `name` in the current fixed window of
-    /// length `window` (shared by all instances when the store is shared).
-    /// Returns the window's total so far and the time left in the window.
+    /// length `window`. Returns the window's total so far and the time left
+    /// in the window.
     async fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration);
+}
 
-    /// How the coordinator is doing, for readiness reports.
+/// How the shared store is doing, for readiness reports.
+pub trait StoreHealth: Send + Sync + 'static {
     fn describe(&self) -> CoordinatorStatus;
+}
 
-    /// Whether answers are coming from this process alone because the shared
-    /// store is unreachable.
-    fn is_degraded(&self) -> bool;
+/// The three capabilities of one backend, handed out separately: the
+/// aggregator gets the coordinator, the dataloader the counters, the HTTP
+/// layer the health.
+pub struct Backend {
+    pub coordinator: Arc<dyn Coordinator>,
+    pub counters: Arc<dyn Counters>,
+    pub health: Arc<dyn StoreHealth>,
+}
+
+impl Backend {
+    pub fn of<T: Coordinator + Counters + StoreHealth>(backend: T) -> Backend {
+        let backend = Arc::new(backend);
+        Backend {
+            coordinator: Arc::clone(&backend) as Arc<dyn Coordinator>,
+            counters: Arc::clone(&backend) as Arc<dyn Counters>,
+            health: backend,
+        }
+    }
 }
 
 /// Fixed-window counters in process memory: the embedded store of
-/// [`Coordinator::count`], and the fallback of shared ones.
+/// [`Counters`], and the fallback of shared ones.
 #[derive(Default)]
 pub struct LocalCounters {
     windows: Mutex<HashMap<String, (u64, u64)>>,

@@ -15,6 +15,7 @@ use tracing::field::Empty;
 use crate::aggregate::{Aggregator, AnswerResult, CacheStatus};
 use crate::auth::Identity;
 use crate::cache::{AnswerError, AnswerErrorKind};
+use crate::coalesce::Counters;
 use crate::query::PlannedQuery;
 
 /// One per GraphQL request, so that a batch never waits for another
@@ -22,6 +23,8 @@ use crate::query::PlannedQuery;
 /// the aggregator's in-process flights instead.
 pub struct AggregateLoader {
     aggregator: Arc<Aggregator>,
+    /// Where quotas are counted (shared by all instances with Redis).
+    counters: Arc<dyn Counters>,
     deadline: Instant,
     /// The request's span: the dataloader runs batches on a task of its own,
     /// which would otherwise start a trace of its own.
@@ -36,12 +39,14 @@ const QUOTA_WINDOW: Duration = Duration::from_secs(60);
 impl AggregateLoader {
     pub fn new(
         aggregator: Arc<Aggregator>,
+        counters: Arc<dyn Counters>,
         deadline: Instant,
         request_span: tracing::Span,
         identity: Identity,
     ) -> AggregateLoader {
         AggregateLoader {
             aggregator,
+            counters,
             deadline,
             request_span,
             identity,
@@ -55,8 +60,7 @@ impl AggregateLoader {
             return Ok(());
         };
         let (spent, window_left) = self
-            .aggregator
-            .coordinator()
+            .counters
             .count(&format!("quota:{caller}"), queries as u64, QUOTA_WINDOW)
             .await;
         if spent <= quota {

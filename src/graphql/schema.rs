@@ -22,6 +22,21 @@ use crate::telemetry;
 
 pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
 
+/// Set by resolvers when an answer of the request was produced without
+/// cross-instance coordination; the HTTP layer then says so in the response.
+#[derive(Clone, Default)]
+pub struct DegradedMarker(Arc<std::sync::atomic::AtomicBool>);
+
+impl DegradedMarker {
+    pub fn mark(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_marked(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// What resolvers need, shared by all requests.
 #[derive(Clone)]
 pub struct SchemaContext {
@@ -132,6 +147,11 @@ impl QueryRoot {
             }
         };
         let answer = answer.map_err(|err| ResolverError::from(err).extend())?;
+        if answer.degraded
+            && let Some(marker) = ctx.data_opt::<DegradedMarker>()
+        {
+            marker.mark();
+        }
 
         // The request's span links to the BI call that paid for these rows,
         // so an operator goes from any request to that call in one click.
@@ -160,7 +180,7 @@ impl QueryRoot {
             .catalog
             .get_or_fetch(&shared.bi)
             .await
-            .map_err(|err| ResolverError::Answer(AnswerError::from(&err)).extend())?;
+            .map_err(|err| ResolverError::Answer(crate::aggregate::answer_error(&err)).extend())?;
         Ok(CatalogView(catalog))
     }
 }
@@ -194,15 +214,15 @@ impl AggregateResult {
     /// Where this answer came from.
     async fn cache(&self) -> CacheInfo {
         let entry = &self.answer.entry;
-        let now = unix_millis();
+        let produced_at_ms = entry.produced_at_us / 1000;
         CacheInfo {
             status: self.answer.status,
             key: self.key.clone(),
-            produced_at: chrono::DateTime::from_timestamp_millis(entry.produced_at_ms as i64)
+            produced_at: chrono::DateTime::from_timestamp_millis(produced_at_ms as i64)
                 .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                 .unwrap_or_default(),
-            age_seconds: now.saturating_sub(entry.produced_at_ms) as f64 / 1000.0,
-            expires_in_seconds: entry.expires_at_ms.saturating_sub(now) as f64 / 1000.0,
+            age_seconds: unix_millis().saturating_sub(produced_at_ms) as f64 / 1000.0,
+            expires_in_seconds: entry.time_left().as_secs_f64(),
             produced_by: entry.producer.clone(),
             trace_id: entry.trace_id.clone(),
         }

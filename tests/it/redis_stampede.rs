@@ -5,7 +5,8 @@
 use serde_json::Value;
 
 use crate::common::{
-    PATIENT_REDIS_TIMEOUT_MS, Statuses, TestEnv, TestOptions, panel_and_rows, query, statuses,
+    LAYOUT, PATIENT_REDIS_TIMEOUT_MS, Statuses, TestEnv, TestOptions, panel_and_rows, query,
+    statuses,
 };
 
 const MEASURES: &[&str] = &["Sales.revenue", "Sales.orders"];
@@ -159,8 +160,9 @@ async fn customers_never_share_entries_across_instances() {
 }
 
 /// After a miss, Redis holds the answer as the architecture lays it out: one
-/// `{ns}:v1:{<64 hex>}:value` key whose PTTL is about `CACHE_TTL_SECS`, whose
-/// JSON has the rows and the producing instance, and no lock left behind.
+/// `{ns}:v2:{<64 hex>}:value` key whose PTTL is about `CACHE_TTL_SECS` (the
+/// entry's only expiry: instances never compare wall clocks), whose JSON has
+/// the rows and the producing instance, and no lock left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_miss_leaves_a_value_entry_and_no_lock() {
     const TTL_MS: i64 = 120_000;
@@ -185,9 +187,9 @@ async fn a_miss_leaves_a_value_entry_and_no_lock() {
     assert_eq!(values.len(), 1, "{values:?}");
     let value_key = &values[0];
     let hash = value_key
-        .strip_prefix(&format!("{}:v1:{{", env.namespace))
+        .strip_prefix(&format!("{}:{LAYOUT}:{{", env.namespace))
         .and_then(|rest| rest.strip_suffix("}:value"))
-        .unwrap_or_else(|| panic!("not `{{ns}}:v1:{{<hash>}}:value`: {value_key}"));
+        .unwrap_or_else(|| panic!("not `{{ns}}:{LAYOUT}:{{<hash>}}:value`: {value_key}"));
     assert!(
         hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit()),
         "the hash is 64 hex digits: {hash}"
@@ -210,11 +212,13 @@ async fn a_miss_leaves_a_value_entry_and_no_lock() {
         env.gateways[1].instance_id(),
         "{stored}"
     );
-    let produced = stored["producedAtMs"].as_i64().expect("producedAtMs");
-    let expires = stored["expiresAtMs"].as_i64().expect("expiresAtMs");
-    assert_eq!(expires - produced, TTL_MS, "{stored}");
+    assert!(stored["producedAtUs"].as_u64().is_some(), "{stored}");
+    assert!(
+        stored.get("expiresAtMs").is_none(),
+        "no wall-clock expiry: {stored}"
+    );
 
-    let lock_key = format!("{}:v1:{{{hash}}}:lock", env.namespace);
+    let lock_key = format!("{}:{LAYOUT}:{{{hash}}}:lock", env.namespace);
     let lock_exists: i64 = query(&mut conn, redis::cmd("EXISTS").arg(&lock_key)).await;
     assert_eq!(lock_exists, 0, "{lock_key} is left behind");
     assert_eq!(env.redis_keys("lock").await, Vec::<String>::new());

@@ -1,30 +1,38 @@
 //! The instance's one pub/sub connection: who waits on which key, and the
 //! wake-ups Redis sends for them.
+//!
+//! The set of keys with waiters is the truth; the connection follows it. The
+//! connection is our own (a RESP3 connection with a push channel), not one
+//! that re-subscribes by itself: after any failure (a subscribe or
+//! unsubscribe that errs or times out, a dropped connection, a missed ping)
+//! it is dropped, and the next one subscribes to exactly the channels still
+//! waited on. So a channel whose `UNSUBSCRIBE` failed during an outage is not
+//! carried into the next connection, and every reconnection wakes all waiters
+//! (messages may have been lost) and asks for keyspace notifications to be
+//! checked again (Redis may have restarted without them).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{PushInfo, PushKind};
+use redis::{AsyncConnectionConfig, PushInfo, PushKind};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::health::{Backoff, Health};
+use super::keys::hash_of_channel;
 use crate::query::CacheKey;
 use crate::telemetry::names;
 
-/// The hash inside a channel name's `{...}` hash tag.
-fn hash_of_channel(channel: &str) -> Option<&str> {
-    let start = channel.find('{')? + 1;
-    let end = start + channel[start..].find('}')?;
-    Some(&channel[start..end])
-}
+/// How often an idle subscriber connection proves it is alive.
+const PING_EVERY: Duration = Duration::from_secs(1);
 
-/// The instance's one pub/sub connection and who waits on which key.
 pub(super) struct Subscriptions {
     by_key: Mutex<HashMap<String, Watched>>,
-    ops: mpsc::UnboundedSender<SubscriptionOp>,
+    ops: mpsc::UnboundedSender<Op>,
+    /// Whether a subscriber connection is up: without one, waiters poll.
+    connected: AtomicBool,
 }
 
 struct Watched {
@@ -33,9 +41,11 @@ struct Watched {
     channels: Vec<String>,
 }
 
-enum SubscriptionOp {
+enum Op {
+    /// Subscribe, then confirm (also on failure: the waiter then polls).
     Subscribe(Vec<String>, oneshot::Sender<()>),
-    Unsubscribe(Vec<String>),
+    /// Unsubscribe from a key's channels, unless it is waited on again.
+    Unsubscribe { hash: String, channels: Vec<String> },
 }
 
 /// One waiter's registration; unsubscribes when the last waiter of a key leaves.
@@ -45,94 +55,29 @@ pub(super) struct KeyWatch {
     subscriptions: Arc<Subscriptions>,
 }
 
-static SUBSCRIBED_CHANNELS: AtomicU64 = AtomicU64::new(0);
-
 impl Subscriptions {
+    /// Starts the connection task on `client` (which must speak RESP3).
     pub(super) fn start(
-        conn: ConnectionManager,
-        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+        client: redis::Client,
+        health: Arc<Health>,
         timeout: Duration,
-    ) -> (Arc<Subscriptions>, Vec<JoinHandle<()>>) {
-        let (ops, mut op_rx) = mpsc::unbounded_channel();
+    ) -> (Arc<Subscriptions>, JoinHandle<()>) {
+        let (ops, op_rx) = mpsc::unbounded_channel();
         let subscriptions = Arc::new(Subscriptions {
             by_key: Mutex::new(HashMap::new()),
             ops,
+            connected: AtomicBool::new(false),
         });
-        // Subscribe and unsubscribe in the order asked, on one task, so an
-        // unsubscribe never overtakes the subscribe that follows it.
-        let mut op_conn = conn;
-        let op_task = tokio::spawn(async move {
-            while let Some(op) = op_rx.recv().await {
-                match op {
-                    SubscriptionOp::Subscribe(channels, done) => {
-                        let n = channels.len() as u64;
-                        match tokio::time::timeout(timeout, op_conn.subscribe(&channels)).await {
-                            Ok(Ok(())) => {
-                                SUBSCRIBED_CHANNELS.fetch_add(n, Ordering::Relaxed);
-                            }
-                            Ok(Err(err)) => {
-                                tracing::warn!(error = %err, "subscribe failed; waiters fall back to polling the lock")
-                            }
-                            Err(_) => tracing::warn!(
-                                "subscribe timed out; waiters fall back to polling the lock"
-                            ),
-                        }
-                        let _ = done.send(());
-                    }
-                    SubscriptionOp::Unsubscribe(channels) => {
-                        let n = channels.len() as u64;
-                        if let Ok(Ok(())) =
-                            tokio::time::timeout(timeout, op_conn.unsubscribe(&channels)).await
-                        {
-                            let _ = SUBSCRIBED_CHANNELS.fetch_update(
-                                Ordering::Relaxed,
-                                Ordering::Relaxed,
-                                |c| Some(c.saturating_sub(n)),
-                            );
-                        }
-                    }
-                }
-                metrics::gauge!(names::PUBSUB_CHANNELS)
-                    .set(SUBSCRIBED_CHANNELS.load(Ordering::Relaxed) as f64);
-            }
-        });
-        let dispatcher = Arc::clone(&subscriptions);
-        let dispatch_task = tokio::spawn(async move {
-            while let Some(push) = pushes.recv().await {
-                dispatcher.dispatch(push);
-            }
-        });
-        (subscriptions, vec![op_task, dispatch_task])
+        let task = tokio::spawn(Arc::clone(&subscriptions).run(client, op_rx, health, timeout));
+        (subscriptions, task)
     }
 
-    fn dispatch(&self, push: PushInfo) {
-        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        match push.kind {
-            PushKind::Message => {
-                let channel = push
-                    .data
-                    .first()
-                    .and_then(|value| redis::from_redis_value_ref::<String>(value).ok());
-                if let Some(watched) = channel
-                    .as_deref()
-                    .and_then(hash_of_channel)
-                    .and_then(|hash| by_key.get(hash))
-                {
-                    watched.wake.send_modify(|n| *n = n.wrapping_add(1));
-                }
-            }
-            // Messages may have been lost: every waiter looks again.
-            PushKind::Disconnection => {
-                for watched in by_key.values() {
-                    watched.wake.send_modify(|n| *n = n.wrapping_add(1));
-                }
-            }
-            _ => {}
-        }
+    pub(super) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
     }
 
     /// Registers a waiter for `key` and, for the first one, subscribes to
-    /// `channels` and waits for Redis to confirm.
+    /// `channels` and waits for Redis to confirm (bound it by a deadline).
     pub(super) async fn watch(self: &Arc<Self>, key: &CacheKey, channels: Vec<String>) -> KeyWatch {
         let hash = key.as_str().to_owned();
         let (wake, confirm) = {
@@ -145,9 +90,7 @@ impl Subscriptions {
                 None => {
                     let (tx, rx) = watch::channel(0);
                     let (done_tx, done_rx) = oneshot::channel();
-                    let _ = self
-                        .ops
-                        .send(SubscriptionOp::Subscribe(channels.clone(), done_tx));
+                    let _ = self.ops.send(Op::Subscribe(channels.clone(), done_tx));
                     by_key.insert(
                         hash.clone(),
                         Watched {
@@ -160,13 +103,159 @@ impl Subscriptions {
                 }
             }
         };
-        if let Some(confirm) = confirm {
-            let _ = confirm.await;
-        }
-        KeyWatch {
+        // Built before the confirmation is awaited: a caller that gives up
+        // waiting (its deadline) still unregisters through `Drop`.
+        let watch = KeyWatch {
             hash,
             wake,
             subscriptions: Arc::clone(self),
+        };
+        if let Some(confirm) = confirm {
+            let _ = confirm.await;
+        }
+        watch
+    }
+
+    fn is_wanted(&self, hash: &str) -> bool {
+        self.by_key
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(hash)
+    }
+
+    fn wanted_channels(&self) -> Vec<String> {
+        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        by_key.values().flat_map(|w| w.channels.clone()).collect()
+    }
+
+    fn wake(&self, hash: &str) {
+        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(watched) = by_key.get(hash) {
+            watched.wake.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Messages may have been lost: every waiter looks again.
+    fn wake_all(&self) {
+        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        for watched in by_key.values() {
+            watched.wake.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Connects, follows the wanted channels, dispatches messages;
+    /// reconnects after any failure.
+    async fn run(
+        self: Arc<Self>,
+        client: redis::Client,
+        mut ops: mpsc::UnboundedReceiver<Op>,
+        health: Arc<Health>,
+        timeout: Duration,
+    ) {
+        let mut backoff = Backoff::new();
+        let mut first = true;
+        loop {
+            let (push_tx, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_push_sender(push_tx);
+            let connected = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await;
+            let Ok(mut conn) = connected else {
+                if !away(&mut ops, backoff.next()).await {
+                    return;
+                }
+                continue;
+            };
+            let mut subscribed: HashSet<String> = self.wanted_channels().into_iter().collect();
+            if !subscribed.is_empty() {
+                let channels: Vec<&String> = subscribed.iter().collect();
+                let reply = tokio::time::timeout(timeout, conn.subscribe(&channels)).await;
+                if !matches!(reply, Ok(Ok(()))) {
+                    drop(conn);
+                    if !away(&mut ops, backoff.next()).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            self.connected.store(true, Ordering::Relaxed);
+            if !first {
+                tracing::info!("Redis subscriber connection re-established");
+                health.recheck_notifications();
+            }
+            first = false;
+            backoff = Backoff::new();
+            self.wake_all();
+            metrics::gauge!(names::PUBSUB_CHANNELS).set(subscribed.len() as f64);
+
+            let mut ping = tokio::time::interval(PING_EVERY);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let why = loop {
+                tokio::select! {
+                    op = ops.recv() => match op {
+                        None => return,
+                        Some(Op::Subscribe(channels, done)) => {
+                            let reply = tokio::time::timeout(timeout, conn.subscribe(&channels)).await;
+                            let _ = done.send(());
+                            if !matches!(reply, Ok(Ok(()))) {
+                                break "a subscribe failed";
+                            }
+                            subscribed.extend(channels);
+                        }
+                        Some(Op::Unsubscribe { hash, channels }) => {
+                            if self.is_wanted(&hash) {
+                                continue;
+                            }
+                            let reply = tokio::time::timeout(timeout, conn.unsubscribe(&channels)).await;
+                            if !matches!(reply, Ok(Ok(()))) {
+                                break "an unsubscribe failed";
+                            }
+                            for channel in &channels {
+                                subscribed.remove(channel);
+                            }
+                        }
+                    },
+                    push = pushes.recv() => match push {
+                        None => break "the connection ended",
+                        Some(push) if push.kind == PushKind::Disconnection => break "the connection dropped",
+                        Some(push) => self.dispatch(&push),
+                    },
+                    _ = ping.tick() => {
+                        let reply = tokio::time::timeout(
+                            timeout,
+                            redis::cmd("PING").query_async::<String>(&mut conn),
+                        ).await;
+                        if !matches!(reply, Ok(Ok(_))) {
+                            break "a ping failed";
+                        }
+                    }
+                }
+                metrics::gauge!(names::PUBSUB_CHANNELS).set(subscribed.len() as f64);
+            };
+            tracing::warn!(
+                reason = why,
+                "Redis subscriber connection lost; reconnecting"
+            );
+            self.connected.store(false, Ordering::Relaxed);
+            metrics::gauge!(names::PUBSUB_CHANNELS).set(0.0);
+            drop(conn);
+            self.wake_all();
+        }
+    }
+
+    fn dispatch(&self, push: &PushInfo) {
+        if push.kind != PushKind::Message {
+            return;
+        }
+        let channel = push
+            .data
+            .first()
+            .and_then(|value| redis::from_redis_value_ref::<String>(value).ok());
+        if let Some(hash) = channel.as_deref().and_then(hash_of_channel) {
+            self.wake(hash);
         }
     }
 }
@@ -200,25 +289,28 @@ impl Drop for KeyWatch {
             None => false,
         };
         if last && let Some(watched) = by_key.remove(&self.hash) {
-            let _ = self
-                .subscriptions
-                .ops
-                .send(SubscriptionOp::Unsubscribe(watched.channels));
+            let _ = self.subscriptions.ops.send(Op::Unsubscribe {
+                hash: self.hash.clone(),
+                channels: watched.channels,
+            });
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn channel_names_lead_back_to_their_key() {
-        assert_eq!(
-            hash_of_channel("__keyspace@0__:ag:v1:{abc123}:lock"),
-            Some("abc123")
-        );
-        assert_eq!(hash_of_channel("ag:v1:{abc123}:done"), Some("abc123"));
-        assert_eq!(hash_of_channel("nothing here"), None);
+/// Waits out `pause` without a connection, confirming subscriptions at once
+/// (their waiters poll instead of waiting for messages that cannot come).
+/// `false` when the coordinator is gone.
+async fn away(ops: &mut mpsc::UnboundedReceiver<Op>, pause: Duration) -> bool {
+    let pause = tokio::time::sleep(pause.max(Duration::from_millis(100)));
+    tokio::pin!(pause);
+    loop {
+        tokio::select! {
+            () = &mut pause => return true,
+            op = ops.recv() => match op {
+                None => return false,
+                Some(Op::Subscribe(_, done)) => { let _ = done.send(()); }
+                Some(Op::Unsubscribe { .. }) => {}
+            },
+        }
     }
 }

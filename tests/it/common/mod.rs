@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod redis;
-pub use self::redis::{RedisServer, closed_port, query};
+pub use self::redis::{LAYOUT, RedisServer, closed_port, query};
 
 /// Longest a gateway may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -13,6 +13,9 @@ use redis::aio::MultiplexedConnection;
 
 use super::{Output, TestEnv, drain, output_text, within};
 
+/// The version part of every Redis key the gateway writes (`{ns}:v2:...`).
+pub const LAYOUT: &str = "v2";
+
 /// Longest a `redis-server` may take to answer its first PING.
 const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest one inspection command of a test may take.
@@ -210,10 +213,10 @@ impl TestEnv {
         redis_connection(url).await
     }
 
-    /// The env's Redis keys `{ns}:v1:*:{suffix}` (`value`, `lock`), sorted.
+    /// The env's Redis keys `{ns}:v2:*:{suffix}` (`value`, `lock`), sorted.
     pub async fn redis_keys(&self, suffix: &str) -> Vec<String> {
         let mut conn = self.redis().await;
-        let pattern = format!("{}:v1:*:{suffix}", self.namespace);
+        let pattern = format!("{}:{LAYOUT}:*:{suffix}", self.namespace);
         let mut keys = Vec::new();
         let mut cursor: u64 = 0;
         loop {
@@ -242,7 +245,7 @@ impl TestEnv {
     /// returns the instance id in its owner token (`<instance>:<uuid>`).
     pub async fn wait_for_lock_owner(&self, limit: Duration) -> String {
         let mut conn = self.redis().await;
-        let pattern = format!("{}:v1:*:lock", self.namespace);
+        let pattern = format!("{}:{LAYOUT}:*:lock", self.namespace);
         let token = within(limit, "a lock key in Redis", async {
             loop {
                 let keys: Vec<String> = query(&mut conn, redis::cmd("KEYS").arg(&pattern)).await;

@@ -1,0 +1,353 @@
+//! Whether Redis is usable, decided by time, and the one connection every
+//! command goes through.
+//!
+//! Redis is **down** when no command has succeeded for `down_after` (one
+//! lock TTL by default). Before that, a slow or failed command is retried
+//! within the caller's deadline: a loaded machine, a Redis pause or a dropped
+//! connection shorter than a lock lifetime never turns into degraded mode,
+//! whose leads take no lock. A pinger keeps the verdict fresh while nothing
+//! else is asked, and checks keyspace notifications again whenever Redis may
+//! have lost its configuration (a new `run_id`, a reconnected subscriber).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisResult};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::telemetry::names;
+
+/// How often the pinger asks Redis whether it is there.
+const PING_EVERY: Duration = Duration::from_millis(500);
+/// Every this many pings, the pinger also reads Redis's `run_id`.
+const RUN_ID_EVERY: u32 = 4;
+
+pub(super) struct Health {
+    epoch: std::time::Instant,
+    /// Milliseconds after `epoch` of the last command that succeeded, plus
+    /// one; 0 means none ever did.
+    last_success: AtomicU64,
+    down_after: Duration,
+    keyspace_notifications: AtomicBool,
+    /// The state last logged and exported, to report changes once.
+    reported_up: AtomicBool,
+    /// Asks the pinger to check keyspace notifications now.
+    recheck: Notify,
+}
+
+impl Health {
+    pub(super) fn new(down_after: Duration) -> Health {
+        Health {
+            epoch: std::time::Instant::now(),
+            last_success: AtomicU64::new(0),
+            down_after,
+            keyspace_notifications: AtomicBool::new(false),
+            reported_up: AtomicBool::new(false),
+            recheck: Notify::new(),
+        }
+    }
+
+    pub(super) fn succeeded(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 1;
+        self.last_success.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(super) fn is_up(&self) -> bool {
+        match self.last_success.load(Ordering::Relaxed) {
+            0 => false,
+            at => {
+                let now = self.epoch.elapsed().as_millis() as u64 + 1;
+                now.saturating_sub(at) <= self.down_after.as_millis() as u64
+            }
+        }
+    }
+
+    pub(super) fn keyspace_notifications(&self) -> bool {
+        self.keyspace_notifications.load(Ordering::Relaxed)
+    }
+
+    /// Asks the pinger to check keyspace notifications again soon (the
+    /// subscriber reconnected: Redis may have restarted without them).
+    pub(super) fn recheck_notifications(&self) {
+        self.recheck.notify_one();
+    }
+
+    /// Logs and exports a change of verdict.
+    fn report(&self) {
+        let up = self.is_up();
+        if self.reported_up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("Redis is reachable: coordinating through Redis");
+            } else {
+                tracing::warn!(
+                    down_after_ms = self.down_after.as_millis() as u64,
+                    "no Redis command has succeeded for a lock lifetime: degraded to in-process coalescing"
+                );
+            }
+        }
+        metrics::gauge!(names::REDIS_UP).set(if up { 1.0 } else { 0.0 });
+    }
+}
+
+/// Why [`Link::persist`] gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Trouble {
+    /// No command has succeeded for `down_after`.
+    Down,
+    /// The caller's deadline passed first.
+    Deadline,
+}
+
+/// The commands connection, noting every success in [`Health`].
+#[derive(Clone)]
+pub(super) struct Link {
+    conn: ConnectionManager,
+    pub(super) health: Arc<Health>,
+}
+
+impl Link {
+    pub(super) fn new(conn: ConnectionManager, health: Arc<Health>) -> Link {
+        Link { conn, health }
+    }
+
+    pub(super) async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
+        let reply = command.query_async(&mut self.conn.clone()).await;
+        self.note(&reply);
+        reply
+    }
+
+    pub(super) async fn pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+        let reply = pipe.query_async(&mut self.conn.clone()).await;
+        self.note(&reply);
+        reply
+    }
+
+    fn note<T>(&self, reply: &RedisResult<T>) {
+        // Only a real answer counts: a server that answers LOADING or BUSY
+        // to everything is no more usable than a silent one.
+        match reply {
+            Ok(_) => self.health.succeeded(),
+            Err(_) => metrics::counter!(names::REDIS_COMMAND_FAILURES).increment(1),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, Redis is down, or `deadline` passes,
+    /// with short growing pauses between attempts. Each attempt is bounded by
+    /// the connection's command timeout, so a command that lands late is one
+    /// the next attempt must be able to repeat safely.
+    pub(super) async fn persist<T, F, Fut>(
+        &self,
+        what: &str,
+        deadline: Instant,
+        mut attempt: F,
+    ) -> Result<T, Trouble>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let mut pause = Backoff::new();
+        let mut failures = 0_u32;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(Trouble::Deadline);
+            }
+            match tokio::time::timeout_at(deadline, attempt()).await {
+                Ok(Ok(value)) => {
+                    if failures > 0 {
+                        tracing::debug!(what, failures, "Redis command succeeded after retries");
+                    }
+                    return Ok(value);
+                }
+                Ok(Err(err)) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::info!(what, error = %err, "Redis command failed; retrying");
+                    }
+                }
+                Err(_) => return Err(Trouble::Deadline),
+            }
+            if !self.health.is_up() {
+                tracing::warn!(what, failures, "Redis is down; giving up on the command");
+                return Err(Trouble::Down);
+            }
+            tokio::time::sleep_until(deadline.min(Instant::now() + pause.next())).await;
+        }
+    }
+}
+
+/// Jittered, growing pauses: between retries, and between polls when
+/// notifications cannot be trusted.
+pub(super) struct Backoff {
+    next_ms: f64,
+}
+
+impl Backoff {
+    const FIRST_MS: f64 = 20.0;
+    const MAX_MS: f64 = 250.0;
+
+    pub(super) fn new() -> Backoff {
+        Backoff {
+            next_ms: Self::FIRST_MS,
+        }
+    }
+
+    pub(super) fn next(&mut self) -> Duration {
+        let jittered = self.next_ms * (0.5 + fastrand::f64());
+        self.next_ms = (self.next_ms * 1.6).min(Self::MAX_MS);
+        Duration::from_micros((jittered * 1000.0) as u64)
+    }
+}
+
+/// Whether notifications may be configured, and how long one command may take.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PingerSettings {
+    pub(super) configure_notifications: bool,
+    pub(super) command_timeout: Duration,
+}
+
+/// The first look at Redis, before serving: so that the first requests know
+/// where they stand. Returns Redis's `run_id` when it answered.
+pub(super) async fn first_check(link: &Link, settings: PingerSettings) -> Option<String> {
+    let run_id = run_id(link, settings.command_timeout).await;
+    if run_id.is_some() {
+        let keyspace = ensure_notifications(link, settings.configure_notifications).await;
+        link.health
+            .keyspace_notifications
+            .store(keyspace, Ordering::Relaxed);
+    }
+    link.health.report();
+    run_id
+}
+
+/// Keeps the verdict fresh while nothing else is asked of Redis, and checks
+/// notifications again when Redis restarted (a new `run_id`) or the
+/// subscriber reconnected.
+pub(super) async fn watch_health(link: Link, settings: PingerSettings, mut known: Option<String>) {
+    let mut tick = 0_u32;
+    loop {
+        let asked = tokio::select! {
+            () = tokio::time::sleep(PING_EVERY) => false,
+            () = link.health.recheck.notified() => true,
+        };
+        tick = tick.wrapping_add(1);
+        if asked || tick.is_multiple_of(RUN_ID_EVERY) || known.is_none() {
+            if let Some(id) = run_id(&link, settings.command_timeout).await {
+                let restarted = known.as_deref() != Some(id.as_str());
+                if asked || restarted {
+                    if restarted && known.is_some() {
+                        tracing::info!(
+                            "Redis restarted (new run_id): checking keyspace notifications"
+                        );
+                    }
+                    let keyspace =
+                        ensure_notifications(&link, settings.configure_notifications).await;
+                    link.health
+                        .keyspace_notifications
+                        .store(keyspace, Ordering::Relaxed);
+                }
+                known = Some(id);
+            }
+        } else {
+            let ping = redis::cmd("PING");
+            let _ =
+                tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+        }
+        link.health.report();
+    }
+}
+
+async fn run_id(link: &Link, timeout: Duration) -> Option<String> {
+    let info = tokio::time::timeout(
+        timeout,
+        link.query::<String>(redis::cmd("INFO").arg("server")),
+    )
+    .await;
+    let Ok(Ok(info)) = info else { return None };
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+}
+
+/// Makes sure keyspace notifications for set, del and expired are on, if
+/// allowed; returns whether they are. Without them, waiters poll.
+async fn ensure_notifications(link: &Link, configure: bool) -> bool {
+    let current: RedisResult<Vec<String>> = link
+        .query(
+            redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("notify-keyspace-events"),
+        )
+        .await;
+    let flags = match current {
+        Ok(reply) => reply.get(1).cloned().unwrap_or_default(),
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read notify-keyspace-events; waiters will poll");
+            return false;
+        }
+    };
+    let has = |c: char| flags.contains(c);
+    if has('K') && (has('A') || (has('g') && has('$') && has('x'))) {
+        return true;
+    }
+    if !configure {
+        tracing::warn!(flags = %flags, "keyspace notifications are off and REDIS_CONFIGURE_NOTIFICATIONS=false; waiters will poll");
+        return false;
+    }
+    let mut wanted = flags.clone();
+    for c in ['K', 'g', '$', 'x'] {
+        if !wanted.contains(c) {
+            wanted.push(c);
+        }
+    }
+    let set: RedisResult<()> = link
+        .query(
+            redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("notify-keyspace-events")
+                .arg(&wanted),
+        )
+        .await;
+    match set {
+        Ok(()) => {
+            tracing::info!(flags = %wanted, "enabled Redis keyspace notifications");
+            true
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot enable keyspace notifications; waiters will poll");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stays_bounded() {
+        let mut backoff = Backoff::new();
+        let waits: Vec<Duration> = (0..20).map(|_| backoff.next()).collect();
+        assert!(waits[0] <= Duration::from_millis(30));
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(375)));
+        assert!(waits[19] >= Duration::from_millis(125));
+    }
+
+    #[test]
+    fn down_means_no_success_for_the_whole_window() {
+        let health = Health::new(Duration::from_millis(50));
+        assert!(!health.is_up(), "never succeeded: down");
+        health.succeeded();
+        assert!(health.is_up());
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(
+            !health.is_up(),
+            "nothing succeeded for longer than the window"
+        );
+        health.succeeded();
+        assert!(health.is_up());
+    }
+}

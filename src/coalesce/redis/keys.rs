@@ -1,0 +1,88 @@
+//! The names of everything the gateway keeps in Redis, built in one place.
+//!
+//! `{ns}:v2:{<hash>}:value`, `{ns}:v2:{<hash>}:lock`, channel
+//! `{ns}:v2:{<hash>}:done`, `{ns}:v2:bi-cooldown`,
+//! `{ns}:v2:count:<name>:<window>`. The hash tag keeps a key's value, lock
+//! and channel in one cluster slot. The version changes whenever what a key
+//! holds does, so gateways of two versions never read each other's entries.
+
+use crate::query::CacheKey;
+
+/// The layout version: bumped when an entry's encoding or the lock protocol changes.
+const VERSION: &str = "v2";
+
+#[derive(Debug, Clone)]
+pub(super) struct KeyLayout {
+    prefix: String,
+    /// The database number, for keyspace channel names.
+    db: i64,
+}
+
+impl KeyLayout {
+    pub(super) fn new(namespace: &str, db: i64) -> KeyLayout {
+        KeyLayout {
+            prefix: format!("{namespace}:{VERSION}"),
+            db,
+        }
+    }
+
+    pub(super) fn value(&self, key: &CacheKey) -> String {
+        format!("{}:{{{}}}:value", self.prefix, key.as_str())
+    }
+
+    pub(super) fn lock(&self, key: &CacheKey) -> String {
+        format!("{}:{{{}}}:lock", self.prefix, key.as_str())
+    }
+
+    pub(super) fn done_channel(&self, key: &CacheKey) -> String {
+        format!("{}:{{{}}}:done", self.prefix, key.as_str())
+    }
+
+    /// Set while the BI asks every instance to back off (a 429); its `PTTL`
+    /// is the time left.
+    pub(super) fn cooldown(&self) -> String {
+        format!("{}:bi-cooldown", self.prefix)
+    }
+
+    pub(super) fn counter(&self, name: &str, window_index: u64) -> String {
+        format!("{}:count:{name}:{window_index}", self.prefix)
+    }
+
+    fn keyspace_channel(&self, redis_key: &str) -> String {
+        format!("__keyspace@{}__:{redis_key}", self.db)
+    }
+
+    /// The channels whose messages wake the waiters of `key`: the fill's own
+    /// `done` message and, with keyspace notifications, any change to the
+    /// value or the lock (a delete or an expiry means the holder is gone).
+    pub(super) fn channels(&self, key: &CacheKey, keyspace: bool) -> Vec<String> {
+        let mut channels = vec![self.done_channel(key)];
+        if keyspace {
+            channels.push(self.keyspace_channel(&self.value(key)));
+            channels.push(self.keyspace_channel(&self.lock(key)));
+        }
+        channels
+    }
+}
+
+/// The hash inside a channel name's `{...}` hash tag: which key it is about.
+pub(super) fn hash_of_channel(channel: &str) -> Option<&str> {
+    let start = channel.find('{')? + 1;
+    let end = start + channel[start..].find('}')?;
+    Some(&channel[start..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_lead_back_to_their_key() {
+        assert_eq!(
+            hash_of_channel("__keyspace@0__:ag:v2:{abc123}:lock"),
+            Some("abc123")
+        );
+        assert_eq!(hash_of_channel("ag:v2:{abc123}:done"), Some("abc123"));
+        assert_eq!(hash_of_channel("nothing here"), None);
+    }
+}
