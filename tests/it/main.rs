@@ -7,10 +7,12 @@ mod otlp;
 
 mod batching;
 mod bi_errors;
+mod dashboards;
 mod docker_compose;
 mod http;
 mod metrics_format;
 mod redis_faults;
+mod redis_recovery;
 mod redis_stampede;
 mod schema;
 mod security;

@@ -489,6 +489,8 @@ pub struct TestOptions {
     pub latency_ms: u64,
     /// More gateway environment, applied last: it can override `BI_URL` too.
     pub extra_env: Vec<(String, String)>,
+    /// Environment of one gateway only (by index), applied after `extra_env`.
+    pub instance_env: Vec<(usize, String, String)>,
     /// Which Redis the gateways share, if any.
     pub redis: RedisTarget,
 }
@@ -512,6 +514,7 @@ impl Default for TestOptions {
             instances: 1,
             latency_ms: 300,
             extra_env: Vec::new(),
+            instance_env: Vec::new(),
             redis: RedisTarget::None,
         }
     }
@@ -525,6 +528,13 @@ impl TestOptions {
 
     pub fn env(mut self, name: &str, value: impl ToString) -> Self {
         self.extra_env.push((name.to_owned(), value.to_string()));
+        self
+    }
+
+    /// Sets `name` for gateway `instance` only.
+    pub fn instance_env(mut self, instance: usize, name: &str, value: impl ToString) -> Self {
+        self.instance_env
+            .push((instance, name.to_owned(), value.to_string()));
         self
     }
 
@@ -590,6 +600,13 @@ impl TestEnv {
         for i in 0..options.instances.max(1) {
             let mut gateway_env = vec![("INSTANCE_ID".to_owned(), format!("gw-{i}"))];
             gateway_env.extend(env.iter().cloned());
+            gateway_env.extend(
+                options
+                    .instance_env
+                    .iter()
+                    .filter(|(instance, _, _)| *instance == i)
+                    .map(|(_, name, value)| (name.clone(), value.clone())),
+            );
             gateways.push(Gateway::start(&gateway_env).await);
         }
         TestEnv {
@@ -671,6 +688,47 @@ impl TestEnv {
             .into_iter()
             .map(|(instance, outcome)| match outcome {
                 Ok(reply) => reply.body,
+                Err(err) => panic!(
+                    "{err}; gateway output:\n{}",
+                    self.gateways[instance].output()
+                ),
+            })
+            .collect()
+    }
+
+    /// Like [`TestEnv::fire_on`], with how long each request took, from
+    /// just before it was sent to its whole answer.
+    pub async fn fire_on_timed(&self, requests: &[(usize, Value)]) -> Vec<(Value, Duration)> {
+        let in_flight: Vec<_> = requests
+            .iter()
+            .map(|(instance, body)| {
+                let client = self.gateways[*instance].client();
+                let body = body.clone();
+                (
+                    *instance,
+                    tokio::spawn(async move {
+                        let started = std::time::Instant::now();
+                        let reply = client.graphql(&body).await;
+                        (reply, started.elapsed())
+                    }),
+                )
+            })
+            .collect();
+        let outcomes = within(
+            REQUEST_TIMEOUT,
+            "concurrent GraphQL answers",
+            join_all(in_flight.into_iter().map(|(instance, reply)| async move {
+                (
+                    instance,
+                    reply.await.expect("the request task does not panic"),
+                )
+            })),
+        )
+        .await;
+        outcomes
+            .into_iter()
+            .map(|(instance, (outcome, took))| match outcome {
+                Ok(reply) => (reply.body, took),
                 Err(err) => panic!(
                     "{err}; gateway output:\n{}",
                     self.gateways[instance].output()
