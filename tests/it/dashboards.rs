@@ -8,8 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::common::{
-    PATIENT_REDIS_TIMEOUT_MS, TestEnv, TestOptions, dashboard, expected_rows_for, input,
-    panel_body, wait_until,
+    PATIENT_REDIS_TIMEOUT_MS, TestEnv, TestOptions, dashboard, expected_rows_for, input, panel_body,
 };
 
 const CUSTOMER: &str = "dashboards";
@@ -205,26 +204,8 @@ async fn a_dead_leaders_panel_costs_one_extra_query_and_blocks_no_dashboard() {
     .await;
     let panels = panels();
     let doomed = 3;
-    let dead = env.gateways[doomed].client();
-    let dying = tokio::spawn({
-        let body = panel_body(panels[0].clone());
-        async move { dead.graphql(&body).await }
-    });
-    assert_eq!(
-        env.wait_for_lock_owner(Duration::from_secs(20)).await,
-        "gw-3"
-    );
-    wait_until(
-        Duration::from_secs(20),
-        "the dead leader's BI call",
-        || async { env.sim.stats().http_requests >= 1 },
-    )
-    .await;
-    env.gateways[doomed].kill();
-    assert!(
-        dying.await.expect("no panic").is_err(),
-        "the dead leader answered"
-    );
+    env.kill_a_leader(doomed, &panel_body(panels[0].clone()))
+        .await;
 
     let layouts = dashboards(30, panels.len(), 20_251_202);
     let requests: Vec<(usize, Value)> = layouts

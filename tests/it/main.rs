@@ -17,6 +17,7 @@ mod redis_stampede;
 mod schema;
 mod security;
 mod stampede;
+mod takeovers;
 mod tenancy;
 mod traces;
 mod validation;

@@ -265,3 +265,26 @@ impl TestEnv {
         instance.to_owned()
     }
 }
+
+impl TestEnv {
+    /// Makes gateway `instance` a dead leader of `body`'s key: it takes the
+    /// key's lock, its BI call reaches the BI (a paid call), and it is
+    /// SIGKILLed. Its lock stays in Redis until it expires.
+    pub async fn kill_a_leader(&mut self, instance: usize, body: &serde_json::Value) {
+        let leader = self.gateways[instance].client();
+        let calls_before = self.sim.stats().http_requests;
+        let dying = tokio::spawn({
+            let body = body.clone();
+            async move { leader.graphql(&body).await }
+        });
+        let owner = self.wait_for_lock_owner(Duration::from_secs(20)).await;
+        assert_eq!(owner, self.gateways[instance].instance_id(), "the leader");
+        super::wait_until(Duration::from_secs(20), "the leader's BI call", || async {
+            self.sim.stats().http_requests > calls_before
+        })
+        .await;
+        self.gateways[instance].kill();
+        let outcome = dying.await.expect("the request task does not panic");
+        assert!(outcome.is_err(), "the killed leader answered: {outcome:?}");
+    }
+}
