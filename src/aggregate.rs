@@ -2,15 +2,13 @@
 //! calls as possible.
 //!
 //! For one dataloader batch, [`Aggregator::resolve`]:
-//! 1. joins the in-process flight of every key that has one (no store access);
-//! 2. looks the other keys up in the store in one step (hits answer at once),
-//!    and joins or starts the in-process flight of each miss;
-//! 3. hands the flights it started to a task that no request owns, which runs
-//!    the coalescing protocol ([`Aggregator::produce`]): try every key's lock
-//!    once, call the BI at once for the keys won (batched by Cube's blending
-//!    rules), wait for each key lost on its own, and try again the keys whose
-//!    holder went away;
-//! 4. waits for every flight, each until the request's deadline.
+//! 1. joins the in-process flight of every key, or starts it (no store access);
+//! 2. hands the flights it started to a task that no request owns, which runs
+//!    the coalescing protocol ([`Aggregator::produce`]): look every key up and
+//!    try its lock at once (a key in the store is a hit), call the BI at once
+//!    for the keys won (batched by Cube's blending rules), wait for each key
+//!    lost on its own, and try again the keys whose holder went away;
+//! 3. waits for every flight, each until the request's deadline.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -21,7 +19,6 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
-use tracing::field::Empty;
 
 use crate::bi::protocol::CubeQuery;
 use crate::bi::{BiAnswer, BiClient, BiError};
@@ -132,39 +129,11 @@ impl Aggregator {
         queries: &[PlannedQuery],
         deadline: Instant,
     ) -> HashMap<CacheKey, AnswerResult> {
-        let mut answers = HashMap::with_capacity(queries.len());
         let mut to_lead = Vec::new();
-        let mut waits = Vec::new();
-
-        // In-process first: a key whose flight is already on its way joins it
-        // before the store (Redis) is touched at all.
-        let mut to_look_up = Vec::with_capacity(queries.len());
+        let mut waits = Vec::with_capacity(queries.len());
+        // In-process first: identical requests share one flight before the
+        // store (Redis) is touched at all, the lookup included.
         for query in queries {
-            match self.flights.follow(&query.key, deadline) {
-                Some(watch) => waits.push((query.key.clone(), watch, false)),
-                None => to_look_up.push(query),
-            }
-        }
-
-        let keys: Vec<CacheKey> = to_look_up.iter().map(|q| q.key.clone()).collect();
-        let found = if keys.is_empty() {
-            Vec::new()
-        } else {
-            let lookup_span =
-                tracing::info_span!("cache.lookup", keys = keys.len() as i64, found = Empty);
-            let found = self
-                .coordinator
-                .lookup(&keys, deadline)
-                .instrument(lookup_span.clone())
-                .await;
-            lookup_span.record("found", found.iter().filter(|f| f.is_some()).count() as i64);
-            found
-        };
-        for (query, found) in to_look_up.into_iter().zip(found) {
-            if let Some(cached) = found {
-                answers.insert(query.key.clone(), answer_from_cache(cached));
-                continue;
-            }
             match self.flights.join(&query.key, deadline) {
                 Joined::Lead(lead, watch) => {
                     to_lead.push((query.clone(), lead));
@@ -174,9 +143,9 @@ impl Aggregator {
             }
         }
         if !to_lead.is_empty() {
-            // Spawned, so that no request owns the BI call: a client that goes
-            // away does not cancel it for the others, and a call already paid
-            // for still fills the cache.
+            // Spawned, so that no request owns the lookup or the BI call: a
+            // client that goes away does not cancel them for the others, and
+            // a call already paid for still fills the cache.
             let this = Arc::clone(self);
             let span = tracing::info_span!("aggregate.produce", keys = to_lead.len() as i64);
             tokio::spawn(async move { this.produce(to_lead).await }.instrument(span));
@@ -216,18 +185,18 @@ impl Aggregator {
             (key, answer)
         }))
         .await;
-        answers.extend(waited);
-
+        let answers: HashMap<CacheKey, AnswerResult> = waited.into_iter().collect();
         answers.values().for_each(count_answer);
         answers
     }
 
     /// The coalescing protocol for the flights this process leads: **try,
-    /// then call, then wait.** Every key's lock is tried once (one round
-    /// trip); the BI is called at once for the keys won; each key lost is
-    /// waited on by itself, and when its holder goes away without an answer
-    /// it is tried again in a follow-up round. No lock is held while waiting
-    /// for anything but its own BI call.
+    /// then call, then wait.** Every key is looked up and its lock tried at
+    /// once (one round trip: a key already in the store is a hit); the BI is
+    /// called at once for the keys won; each key lost is waited on by
+    /// itself, and when its holder goes away without an answer it is tried
+    /// again in a follow-up round. No lock is held while waiting for
+    /// anything but its own BI call.
     async fn produce(self: Arc<Self>, leads: Vec<(PlannedQuery, FlightLead)>) {
         let mut pending: Vec<Pending> = leads
             .into_iter()

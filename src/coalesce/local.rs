@@ -37,10 +37,6 @@ impl Coordinator for LocalCoordinator {
         self.memory.get(key)
     }
 
-    async fn lookup(&self, keys: &[CacheKey], _deadline: Instant) -> Vec<Option<Cached>> {
-        keys.iter().map(|key| self.memory.get(key)).collect()
-    }
-
     async fn try_lead(&self, keys: &[CacheKey], _deadline: Instant) -> Vec<Decision> {
         keys.iter()
             .map(|key| match self.memory.get(key) {

@@ -8,9 +8,9 @@
 //!   process is the whole world); [`RedisCoordinator`] spans instances.
 //!
 //! The producing task of a flight (in `aggregate.rs`) runs the protocol:
-//! **try, then call, then wait**. It tries every lock of its keys once
-//! ([`Coordinator::try_lead`], one round trip), calls the BI at once for the
-//! keys it won, and waits for each key it lost on its own
+//! **try, then call, then wait**. It looks up and tries the lock of every key
+//! once ([`Coordinator::try_lead`], one round trip), calls the BI at once for
+//! the keys it won, and waits for each key it lost on its own
 //! ([`Coordinator::wait`]); a key whose holder goes away is tried again in a
 //! follow-up round.
 //!
@@ -106,19 +106,16 @@ pub enum Waited {
 }
 
 /// The store of answers and, across processes, the election of one producer
-/// per key. Answers are looked up by the request flow; the rest is called by
-/// the producing task of a flight, once per key at a time per process.
+/// per key. Apart from `peek`, it is called by the producing task of a
+/// flight, once per key at a time per process.
 #[async_trait]
 pub trait Coordinator: Send + Sync + 'static {
     /// What process memory holds for `key`, without I/O or waiting.
     fn peek(&self, key: &CacheKey) -> Option<Cached>;
 
-    /// Looks `keys` up in the store, in one round trip when it can; `None` is
-    /// a miss. Gives up (all misses) at `deadline` or when the store is down.
-    async fn lookup(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Option<Cached>>;
-
-    /// Tries once to become the producer of each key (one round trip where
-    /// the store allows), retrying only the store's own failures.
+    /// Looks each key up and, where there is no answer, tries once to become
+    /// its producer: one round trip where the store allows. Only the store's
+    /// own failures are retried, until `deadline`.
     async fn try_lead(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Decision>;
 
     /// Waits for the producer that holds `key` to settle it or go away.

@@ -7,11 +7,11 @@
 //!   successful command; until then failed commands are retried.
 //! - [`subscriptions`]: the one pub/sub connection and its waiters.
 //!
-//! This file puts them together: a lookup is one pipeline; a try for the
-//! lead of several keys is one pipeline of one script per key (plus the
-//! BI's cool-down); a wait subscribes, looks again, and sleeps at most as
-//! long as the holder's lock has left, so a lost notification costs time,
-//! never correctness.
+//! This file puts them together: a try for the lead of several keys (their
+//! lookup too) is one pipeline of one script per key, plus the BI's
+//! cool-down; a wait subscribes, looks again, and sleeps at most as long as
+//! the holder's lock has left, so a lost notification costs time, never
+//! correctness.
 
 mod health;
 mod keys;
@@ -344,55 +344,12 @@ impl Coordinator for RedisCoordinator {
         }
     }
 
-    async fn lookup(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Option<Cached>> {
-        let mut found: Vec<Option<Cached>> = keys.iter().map(|key| self.peek(key)).collect();
-        if !self.health().is_up() || found.iter().all(Option::is_some) {
-            return found;
-        }
-        let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
-        let mut pipe = redis::pipe();
-        for &i in &missing {
-            let value = self.layout.value(&keys[i]);
-            pipe.get(&value).pttl(&value);
-        }
-        pipe.pttl(self.layout.cooldown());
-        let replies: Vec<Value> = match self
-            .link
-            .persist("lookup", deadline, || self.link.pipe(&pipe))
-            .await
-        {
-            Ok(replies) => replies,
-            // Misses: the flights decide what to do (lead uncoordinated when
-            // Redis is down, fail at the deadline).
-            Err(_) => return found,
-        };
-        let cooldown = replies.last().and_then(Self::cooldown_left);
-        for (n, &i) in missing.iter().enumerate() {
-            let payload = replies
-                .get(2 * n)
-                .and_then(|v| redis::from_redis_value_ref::<Option<Vec<u8>>>(v).ok())
-                .flatten();
-            let pttl = replies
-                .get(2 * n + 1)
-                .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
-                .unwrap_or(-2);
-            found[i] = payload.and_then(|payload| self.found(&keys[i], &payload, pttl));
-            if found[i].is_none()
-                && let Some(left) = cooldown
-            {
-                // The BI asked every instance to back off: no call before it ends.
-                found[i] = Some(Self::cooling_down(left));
-            }
-        }
-        found
-    }
-
     async fn try_lead(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Decision> {
         if !self.health().is_up() {
             return keys.iter().map(|key| self.uncoordinated(key)).collect();
         }
         let span = tracing::info_span!(
-            "redis.lock",
+            "coalesce.try_lead",
             keys = keys.len() as i64,
             won = Empty,
             lost = Empty,
