@@ -206,59 +206,62 @@ impl Aggregator {
                 takeover: false,
             })
             .collect();
+        // Three kinds of work, all under way at once: tries for the lead
+        // (one round trip each), BI batches (spawned: no request owns them),
+        // and waits for other holders, one per key.
+        let mut tries: FuturesUnordered<BoxFuture<'_, Vec<(Pending, Decision)>>> =
+            FuturesUnordered::new();
         let mut calls: FuturesUnordered<JoinHandle<()>> = FuturesUnordered::new();
         let mut waits: FuturesUnordered<BoxFuture<'_, Option<Pending>>> = FuturesUnordered::new();
         loop {
             if !pending.is_empty() {
-                let keys: Vec<CacheKey> = pending.iter().map(|p| p.query.key.clone()).collect();
-                let deadline = pending
-                    .iter()
-                    .map(|p| p.flight.deadline().get())
-                    .max()
-                    .unwrap_or_else(Instant::now);
-                let decisions = self.coordinator.try_lead(&keys, deadline).await;
-                let mut won = Vec::new();
-                for (key, decision) in pending.drain(..).zip(decisions) {
-                    match decision {
-                        Decision::Lead(lease) => {
-                            if key.takeover {
-                                tracing::info!(
-                                    key = key.query.key.short(),
-                                    "took over a key whose holder went away"
-                                );
-                                metrics::counter!(names::TAKEOVERS).increment(1);
-                            }
-                            won.push(Production {
-                                query: key.query,
-                                flight: key.flight,
-                                lease,
-                            });
-                        }
-                        Decision::Settled(cached) => {
-                            let origin = if key.takeover {
-                                Origin::Waited
-                            } else {
-                                Origin::Found
-                            };
-                            key.flight.complete(resolved(cached, origin));
-                        }
-                        Decision::Busy => waits.push(self.wait_for(key).boxed()),
-                        Decision::Failed(error) => key.flight.complete(Err(error)),
-                    }
-                }
-                for batch in into_batches(won, self.settings.max_batch_size) {
-                    let this = Arc::clone(&self);
-                    calls.push(tokio::spawn(this.produce_batch(batch).in_current_span()));
-                }
+                tries.push(self.try_round(std::mem::take(&mut pending)).boxed());
             }
-            if calls.is_empty() && waits.is_empty() {
+            if tries.is_empty() && calls.is_empty() && waits.is_empty() {
                 return;
             }
             tokio::select! {
+                Some(decided) = tries.next(), if !tries.is_empty() => {
+                    let mut won = Vec::new();
+                    for (key, decision) in decided {
+                        match decision {
+                            Decision::Lead(lease) => {
+                                if key.takeover {
+                                    tracing::info!(
+                                        key = key.query.key.short(),
+                                        "took over a key whose holder went away"
+                                    );
+                                    metrics::counter!(names::TAKEOVERS).increment(1);
+                                }
+                                won.push(Production {
+                                    query: key.query,
+                                    flight: key.flight,
+                                    lease,
+                                });
+                            }
+                            Decision::Settled(cached) => {
+                                let origin = if key.takeover {
+                                    Origin::Waited
+                                } else {
+                                    Origin::Found
+                                };
+                                key.flight.complete(resolved(cached, origin));
+                            }
+                            Decision::Busy => waits.push(self.wait_for(key).boxed()),
+                            Decision::Failed(error) => key.flight.complete(Err(error)),
+                        }
+                    }
+                    for batch in into_batches(won, self.settings.max_batch_size) {
+                        let this = Arc::clone(&self);
+                        calls.push(tokio::spawn(this.produce_batch(batch).in_current_span()));
+                    }
+                }
                 Some(_) = calls.next(), if !calls.is_empty() => {}
                 Some(gone) = waits.next(), if !waits.is_empty() => {
                     pending.extend(gone);
                     if !pending.is_empty() {
+                        // Holders of several keys (one batch of theirs) go
+                        // away together: one follow-up round for them all.
                         let gather = tokio::time::sleep(FOLLOW_UP_WINDOW);
                         tokio::pin!(gather);
                         loop {
@@ -271,6 +274,18 @@ impl Aggregator {
                 }
             }
         }
+    }
+
+    /// One try for the lead of every key in `round` (a lookup too).
+    async fn try_round(&self, round: Vec<Pending>) -> Vec<(Pending, Decision)> {
+        let keys: Vec<CacheKey> = round.iter().map(|p| p.query.key.clone()).collect();
+        let deadline = round
+            .iter()
+            .map(|p| p.flight.deadline().get())
+            .max()
+            .unwrap_or_else(Instant::now);
+        let decisions = self.coordinator.try_lead(&keys, deadline).await;
+        round.into_iter().zip(decisions).collect()
     }
 
     /// Waits for the holder of `key`'s lock; gives the key back when the
@@ -335,45 +350,58 @@ impl Aggregator {
 
     async fn settle_rows(&self, batch: Vec<Production>, answer: BiAnswer) {
         let call = answer.call;
-        for (production, rows) in batch.into_iter().zip(answer.rows) {
-            let entry = Arc::new(
-                Entry::new(
-                    rows,
-                    self.settings.ttl,
-                    &self.settings.instance_id,
-                    self.settings.row_limit,
-                )
-                .produced_by_call(call.as_ref()),
-            );
-            let degraded = production.lease.is_degraded();
-            // Store first, then wake: a request arriving after the flight
-            // ends must find the answer in the store.
-            self.coordinator
-                .fill(production.lease, Arc::clone(&entry))
-                .await;
-            production.flight.complete(Ok(Resolved {
-                entry,
-                origin: Origin::Produced,
-                degraded,
-            }));
-        }
+        let stores = batch
+            .into_iter()
+            .zip(answer.rows)
+            .map(|(production, rows)| {
+                let entry = Arc::new(
+                    Entry::new(
+                        rows,
+                        self.settings.ttl,
+                        &self.settings.instance_id,
+                        self.settings.row_limit,
+                    )
+                    .produced_by_call(call.as_ref()),
+                );
+                let resolved = Resolved {
+                    entry: Arc::clone(&entry),
+                    origin: Origin::Produced,
+                    degraded: production.lease.is_degraded(),
+                };
+                // Store first, then wake: a request that arrives after the flight
+                // ends (or a client that asks another instance next) must find the
+                // answer in the store. The keys of a batch are stored side by side.
+                async move {
+                    self.coordinator.fill(production.lease, entry).await;
+                    production.flight.complete(Ok(resolved));
+                }
+            });
+        join_all(stores.collect::<Vec<_>>()).await;
     }
 
     async fn settle_bi_error(&self, batch: Vec<Production>, err: &BiError) {
         tracing::warn!(error = %err, kind = err.kind(), queries = batch.len(), "BI call failed");
         let error = answer_error(err);
         if error.kind == AnswerErrorKind::RateLimited {
-            let until = Instant::now() + error.remember_for(self.settings.negative_ttl);
-            *self.cooldown.lock().unwrap_or_else(|p| p.into_inner()) = Some(until);
+            // Nobody calls the BI before it said it would take calls again:
+            // not this process, and not any instance sharing the store.
+            let period = error.remember_for(self.settings.negative_ttl);
+            *self.cooldown.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + period);
+            self.coordinator.cool_down(period).await;
         }
         self.settle_error(batch, error).await;
     }
 
     async fn settle_error(&self, batch: Vec<Production>, error: AnswerError) {
-        for production in batch {
-            self.coordinator.fail(production.lease, error.clone()).await;
-            production.flight.complete(Err(error.clone()));
-        }
+        let stores = batch.into_iter().map(|production| {
+            let error = error.clone();
+            async move {
+                self.coordinator.fail(production.lease, error.clone()).await;
+                production.flight.complete(Err(error));
+            }
+        });
+        join_all(stores.collect::<Vec<_>>()).await;
     }
 }
 

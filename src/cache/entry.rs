@@ -221,11 +221,12 @@ impl AnswerError {
         }
     }
 
-    /// How long this failure is remembered: the negative-cache time, or the
-    /// BI's own `Retry-After` when that is longer.
+    /// How long this failure is remembered: the BI's own `Retry-After` when
+    /// it gave one (no longer than asked, no shorter), else the negative-cache
+    /// time.
     pub fn remember_for(&self, negative_ttl: Duration) -> Duration {
-        let retry_after = Duration::from_secs(self.retry_after_secs.unwrap_or(0));
-        negative_ttl.max(retry_after)
+        self.retry_after_secs
+            .map_or(negative_ttl, Duration::from_secs)
     }
 }
 

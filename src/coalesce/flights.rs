@@ -136,6 +136,8 @@ impl FlightLead {
 }
 
 impl Drop for FlightLead {
+    /// Ends the flight; followers of a flight that was never answered (a
+    /// panic, a cancelled task) get an error rather than a hang.
     fn drop(&mut self) {
         let mut in_progress = self
             .flights

@@ -66,6 +66,10 @@ impl Coordinator for LocalCoordinator {
         self.memory
             .insert(lease.key, Cached::Error(Arc::new(negative)));
     }
+
+    async fn cool_down(&self, _period: Duration) {
+        // The aggregator's own cool-down is the whole world's here.
+    }
 }
 
 #[async_trait]

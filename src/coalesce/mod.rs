@@ -87,7 +87,8 @@ impl Lease {
 pub enum Decision {
     /// This process produces the answer.
     Lead(Lease),
-    /// The answer (or a remembered error, or the BI's cool-down) is there.
+    /// The answer (or a remembered error) is there, or the key may not be
+    /// produced now (the BI's cool-down).
     Settled(Cached),
     /// Another producer holds the key's lock: wait with [`Coordinator::wait`].
     Busy,
@@ -124,9 +125,13 @@ pub trait Coordinator: Send + Sync + 'static {
     /// Stores the producer's answer and gives up the lease, in one step.
     async fn fill(&self, lease: Lease, entry: Arc<Entry>);
 
-    /// Remembers the producer's failure for the negative-cache time (and a
-    /// rate limit as a cool-down for every producer) and gives up the lease.
+    /// Remembers the producer's failure for the negative-cache time (or the
+    /// BI's `Retry-After`) and gives up the lease.
     async fn fail(&self, lease: Lease, error: AnswerError);
+
+    /// The BI asked to be left alone for `period` (a 429): no producer that
+    /// shares this store takes a lead before it has passed.
+    async fn cool_down(&self, period: Duration);
 }
 
 /// Fixed-window counters for quotas, shared by all instances when the store

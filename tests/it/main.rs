@@ -14,7 +14,6 @@ mod metrics_format;
 mod redis_faults;
 mod redis_recovery;
 mod redis_stampede;
-mod review_findings;
 mod schema;
 mod security;
 mod stampede;

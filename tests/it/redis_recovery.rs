@@ -31,6 +31,38 @@ fn panel_inputs(customer: &str) -> Vec<Value> {
         .collect()
 }
 
+/// `count` panels of one customer and one granularity: one BI batch.
+fn day_panels(customer: &str, count: usize) -> Vec<Value> {
+    (0..count)
+        .map(|day| {
+            input(
+                customer,
+                &format!("2025-06-{:02}", day + 1),
+                "2025-06-30",
+                &["Sales.revenue"],
+                &["Sales.region"],
+                Some("DAY"),
+            )
+        })
+        .collect()
+}
+
+/// Makes `redis` refuse every write (`-NOREPLICAS`) while it still answers
+/// PING, GET, PTTL and INFO: what a primary with lagging replicas does, and
+/// close to a demoted primary after a failover (`-READONLY`) or a full one
+/// with `noeviction` (`-OOM`).
+async fn refuse_writes(redis: &RedisServer) {
+    let mut conn = redis.connection().await;
+    let () = query(
+        &mut conn,
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(1),
+    )
+    .await;
+}
+
 /// `CONFIG GET notify-keyspace-events` on `redis`.
 async fn notification_flags(redis: &RedisServer) -> String {
     let mut conn = redis.connection().await;
@@ -386,4 +418,165 @@ async fn no_channel_stays_subscribed_after_the_waits() {
     )
     .await;
     assert_eq!(env.sim.stats().queries, 3);
+}
+
+/// A Redis that answers reads but refuses writes (`-NOREPLICAS` here; a
+/// demoted primary's `-READONLY` or a full one's `-OOM` alike) is not one to
+/// coordinate through: once it has refused the lock for a lock lifetime, it
+/// is down, and a miss is answered with the BI's rows, marked degraded, well
+/// before the request's deadline, with one BI call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_that_refuses_writes_is_down_and_misses_are_answered() {
+    let redis = RedisServer::start(&[]).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis_at(redis.url())
+            .latency_ms(200)
+            .env("REQUEST_TIMEOUT_SECS", 8),
+    )
+    .await;
+    refuse_writes(&redis).await;
+    let panel = day_panels("refused", 1).remove(0);
+    let expected = expected_rows_for(&panel);
+
+    let started = std::time::Instant::now();
+    let reply = env.gateway().reply(&panel_body(panel)).await;
+    let took = started.elapsed();
+    let answer = reply.body;
+    assert_eq!(
+        reply.degraded.as_deref(),
+        Some("redis-unavailable"),
+        "{answer}"
+    );
+
+    assert!(
+        answer.get("errors").is_none(),
+        "after {took:?}: {answer}\nBI: {:?}\n{}",
+        env.sim.stats(),
+        env.logs()
+    );
+    assert_eq!(answer["data"]["aggregate"]["rows"], expected, "{answer}");
+    assert!(took < Duration::from_secs(6), "took {took:?}");
+    assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
+}
+
+/// The BI answers a batch of five panels in 1 s, then Redis starts refusing
+/// writes: the request gets all five panels the BI was paid for, at once
+/// (the rows reach this instance's waiters before they are stored), not
+/// after one bounded fill after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paid_rows_reach_their_requests_while_redis_refuses_the_fill() {
+    let redis = RedisServer::start(&[]).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis_at(redis.url())
+            .latency_ms(1_000)
+            .env("REQUEST_TIMEOUT_SECS", 10),
+    )
+    .await;
+    let panels = day_panels("held-back", 5);
+    let expected: Vec<Value> = panels.iter().map(expected_rows_for).collect();
+    let body = dashboard(&panels);
+
+    let client = env.gateway().client();
+    let started = std::time::Instant::now();
+    let reply = tokio::spawn(async move {
+        let reply = client.graphql(&body).await;
+        (reply, started.elapsed())
+    });
+    wait_until(Duration::from_secs(20), "the batch's BI call", || async {
+        env.sim.stats().http_requests >= 1
+    })
+    .await;
+    refuse_writes(&redis).await;
+
+    let (reply, took) = within(Duration::from_secs(30), "the dashboard", reply)
+        .await
+        .expect("no panic");
+    let answer = reply.expect("answered").body;
+    assert_eq!(
+        env.sim.stats().queries,
+        5,
+        "one batch of five: {:?}",
+        env.sim.stats()
+    );
+    // Per panel: its cache status, or the code of its error.
+    let outcomes: Vec<String> = (0..expected.len())
+        .map(|n| {
+            let field = format!("p{n}");
+            match answer["data"][&field]["cache"]["status"].as_str() {
+                Some(status) if answer["data"][&field]["rows"] == expected[n] => status.to_owned(),
+                Some(status) => format!("{status} with wrong rows"),
+                None => answer["errors"]
+                    .as_array()
+                    .and_then(|errors| errors.iter().find(|e| e["path"][0] == field.as_str()))
+                    .and_then(|e| e["extensions"]["code"].as_str())
+                    .unwrap_or("?")
+                    .to_owned(),
+            }
+        })
+        .collect();
+    assert!(
+        outcomes.iter().all(|o| o == "MISS"),
+        "panels after {took:?}: {outcomes:?}\n{}",
+        env.logs()
+    );
+    assert!(answer.get("errors").is_none(), "after {took:?}: {answer}");
+    assert!(
+        took < Duration::from_secs(6),
+        "the rows came from the BI after about 1 s, the request after {took:?}"
+    );
+}
+
+/// With a lock TTL as short as 200 ms (so `REDIS_DOWN_AFTER_MS` is too),
+/// an instance nobody sends anything to is pinged often enough never to look
+/// down: entries another instance stored are `HIT`s on it, never degraded
+/// duplicate BI calls, and its `/readyz` says `up` all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_instance_with_a_short_lock_ttl_never_looks_down() {
+    let redis = RedisServer::start(&["--notify-keyspace-events", "KA"]).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis_at(redis.url())
+            .instances(2)
+            .latency_ms(50)
+            .env("REDIS_LOCK_TTL_MS", 200),
+    )
+    .await;
+    let panels = day_panels("flapping", 10);
+    let mut degraded = Vec::new();
+    let mut statuses = Vec::new();
+    for (i, panel) in panels.iter().enumerate() {
+        let body = panel_body(panel.clone());
+        let first = env.gateways[0].reply(&body).await;
+        assert!(first.body.get("errors").is_none(), "{}", first.body);
+        // Land at a different point of gw-1's 500 ms ping cycle each time.
+        tokio::time::sleep(Duration::from_millis(50 * i as u64 + 10)).await;
+        let second = env.gateways[1].reply(&body).await;
+        assert!(second.body.get("errors").is_none(), "{}", second.body);
+        statuses.push(
+            second.body["data"]["aggregate"]["cache"]["status"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        );
+        degraded.push(first.degraded.is_some() || second.degraded.is_some());
+    }
+    assert!(
+        statuses.iter().all(|s| s == "HIT"),
+        "gw-1 asked the BI again for keys gw-0 had stored: {statuses:?}, degraded {degraded:?}\n{}",
+        env.logs()
+    );
+    assert!(degraded.iter().all(|d| !d), "degraded: {degraded:?}");
+    assert_eq!(env.sim.stats().queries, 10, "{:?}", env.sim.stats());
+
+    // And `/readyz` flaps on an instance nobody sends anything to.
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        let (_, ready) = env.gateways[1].readyz().await;
+        seen.push(ready["redis"].as_str().unwrap_or("?").to_owned());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(seen.iter().all(|r| r == "up"), "/readyz said {seen:?}");
 }

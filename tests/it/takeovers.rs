@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::common::{
     PATIENT_REDIS_TIMEOUT_MS, TestEnv, TestOptions, error_code, expected_rows_for, input,
-    panel_body,
+    panel_body, wait_until,
 };
 
 fn panel(customer: &str) -> Value {
@@ -111,4 +111,51 @@ async fn a_late_request_keeps_the_flight_going_until_its_own_deadline() {
         2,
         "the dead leader's and the takeover's"
     );
+}
+
+/// The shared 429 cool-down stops BI calls, not waits: gw-0 is in the
+/// middle of the BI call for panel A when the BI rate limits another panel
+/// (B, `Retry-After: 30`); gw-1, asked for A right then, waits for gw-0's
+/// call and is answered `COALESCED` with A's rows, at no extra BI call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cool_down_does_not_refuse_a_wait_for_a_call_already_made() {
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis()
+            .instances(2)
+            .latency_ms(2_000)
+            .env("BI_TIMEOUT_SECS", 5),
+    )
+    .await;
+    let (a, b) = (panel("cool-down-wait"), panel("cool-down-limited"));
+    let expected_a = expected_rows_for(&a);
+
+    let leader = env.gateways[0].client();
+    let led = tokio::spawn({
+        let body = panel_body(a.clone());
+        async move { leader.graphql(&body).await }
+    });
+    wait_until(Duration::from_secs(20), "A's BI call", || async {
+        env.sim.stats().http_requests >= 1
+    })
+    .await;
+    env.sim
+        .faults(json!({"rateLimit": {"count": 1, "retryAfterSecs": 30}}))
+        .await;
+    let limited = env.gateways[0].graphql(&panel_body(b)).await;
+    assert_eq!(
+        limited["errors"][0]["extensions"]["code"], "RATE_LIMITED",
+        "{limited}"
+    );
+
+    let waited = env.gateways[1].graphql(&panel_body(a.clone())).await;
+    let led = led.await.expect("no panic").expect("answered").body;
+    assert_eq!(led["data"]["aggregate"]["rows"], expected_a, "{led}");
+    assert!(
+        waited.get("errors").is_none(),
+        "gw-1 refused to wait for gw-0's call: {waited}"
+    );
+    assert_eq!(waited["data"]["aggregate"]["rows"], expected_a);
+    assert_eq!(waited["data"]["aggregate"]["cache"]["status"], "COALESCED");
+    assert_eq!(env.sim.stats().queries, 2, "{:?}", env.sim.stats());
 }

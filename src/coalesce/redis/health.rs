@@ -2,12 +2,16 @@
 //! command goes through.
 //!
 //! Redis is **down** when no command has succeeded for `down_after` (one
-//! lock TTL by default). Before that, a slow or failed command is retried
-//! within the caller's deadline: a loaded machine, a Redis pause or a dropped
-//! connection shorter than a lock lifetime never turns into degraded mode,
-//! whose leads take no lock. A pinger keeps the verdict fresh while nothing
-//! else is asked, and checks keyspace notifications again whenever Redis may
-//! have lost its configuration (a new `run_id`, a reconnected subscriber).
+//! lock TTL by default), or when it has refused our commands (error replies:
+//! `READONLY` after a failover, `OOM`, `NOREPLICAS`, `MISCONF`...) for that
+//! long; then it stays down until a probe write succeeds. Before that, a slow
+//! or failed command is retried within the caller's deadline: a loaded
+//! machine, a Redis pause or a dropped connection shorter than a lock
+//! lifetime never turns into degraded mode, whose leads take no lock. A
+//! pinger keeps the verdict fresh while nothing else is asked (at a quarter
+//! of `down_after`, so an idle instance never looks down), and checks
+//! keyspace notifications again whenever Redis may have lost its
+//! configuration (a new `run_id`, a reconnected subscriber).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,10 +25,10 @@ use tokio::time::Instant;
 
 use crate::telemetry::names;
 
-/// How often the pinger asks Redis whether it is there.
+/// How often the pinger asks Redis whether it is there, at most.
 const PING_EVERY: Duration = Duration::from_millis(500);
-/// Every this many pings, the pinger also reads Redis's `run_id`.
-const RUN_ID_EVERY: u32 = 4;
+/// How often the pinger reads Redis's `run_id` (to notice restarts).
+const RUN_ID_EVERY: Duration = Duration::from_secs(2);
 
 pub(super) struct Health {
     epoch: std::time::Instant,
@@ -33,6 +37,9 @@ pub(super) struct Health {
     last_success: AtomicU64,
     down_after: Duration,
     keyspace_notifications: AtomicBool,
+    /// Redis refused our commands for `down_after`: down until a probe
+    /// write succeeds, whatever reads do meanwhile.
+    refusing: AtomicBool,
     /// The state last logged and exported, to report changes once.
     reported_up: AtomicBool,
     /// Asks the pinger to check keyspace notifications now.
@@ -46,6 +53,7 @@ impl Health {
             last_success: AtomicU64::new(0),
             down_after,
             keyspace_notifications: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             reported_up: AtomicBool::new(false),
             recheck: Notify::new(),
         }
@@ -57,6 +65,9 @@ impl Health {
     }
 
     pub(super) fn is_up(&self) -> bool {
+        if self.refusing.load(Ordering::Relaxed) {
+            return false;
+        }
         match self.last_success.load(Ordering::Relaxed) {
             0 => false,
             at => {
@@ -71,9 +82,17 @@ impl Health {
     }
 
     /// Asks the pinger to check keyspace notifications again soon (the
-    /// subscriber reconnected: Redis may have restarted without them).
+    /// subscriber reconnected: Redis may have restarted without them). Until
+    /// it has, waiters poll and `/readyz` does not claim them.
     pub(super) fn recheck_notifications(&self) {
+        self.keyspace_notifications.store(false, Ordering::Relaxed);
         self.recheck.notify_one();
+    }
+
+    /// How often the pinger must prove Redis alive for an idle instance never
+    /// to look down.
+    fn ping_every(&self) -> Duration {
+        (self.down_after / 4).clamp(Duration::from_millis(50), PING_EVERY)
     }
 
     /// Logs and exports a change of verdict.
@@ -150,28 +169,43 @@ impl Link {
         Fut: Future<Output = RedisResult<T>>,
     {
         let mut pause = Backoff::new();
-        let mut failures = 0_u32;
+        let mut failing_since: Option<Instant> = None;
         loop {
             if Instant::now() >= deadline {
                 return Err(Trouble::Deadline);
             }
-            match tokio::time::timeout_at(deadline, attempt()).await {
+            let refused = match tokio::time::timeout_at(deadline, attempt()).await {
                 Ok(Ok(value)) => {
-                    if failures > 0 {
-                        tracing::debug!(what, failures, "Redis command succeeded after retries");
+                    if failing_since.is_some() {
+                        tracing::debug!(what, "Redis command succeeded after retries");
                     }
                     return Ok(value);
                 }
                 Ok(Err(err)) => {
-                    failures += 1;
-                    if failures == 1 {
+                    if failing_since.is_none() {
                         tracing::info!(what, error = %err, "Redis command failed; retrying");
                     }
+                    matches!(
+                        err.kind(),
+                        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                    )
                 }
                 Err(_) => return Err(Trouble::Deadline),
+            };
+            let since = *failing_since.get_or_insert_with(Instant::now);
+            // Answered with an error for a lock lifetime: Redis is there but
+            // will not do what coordination needs.
+            if refused && since.elapsed() >= self.health.down_after {
+                if !self.health.refusing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        what,
+                        "Redis keeps refusing commands: degraded until it accepts a write again"
+                    );
+                }
+                self.health.report();
             }
             if !self.health.is_up() {
-                tracing::warn!(what, failures, "Redis is down; giving up on the command");
+                tracing::warn!(what, "Redis is down; giving up on the command");
                 return Err(Trouble::Down);
             }
             tokio::time::sleep_until(deadline.min(Instant::now() + pause.next())).await;
@@ -225,19 +259,42 @@ pub(super) async fn first_check(link: &Link, settings: PingerSettings) -> Option
 
 /// Keeps the verdict fresh while nothing else is asked of Redis, and checks
 /// notifications again when Redis restarted (a new `run_id`) or the
-/// subscriber reconnected.
-pub(super) async fn watch_health(link: Link, settings: PingerSettings, mut known: Option<String>) {
+/// subscriber reconnected. While Redis refuses commands, each ping is a
+/// probe write to `probe_key` instead: its success ends the refusal.
+pub(super) async fn watch_health(
+    link: Link,
+    settings: PingerSettings,
+    mut known: Option<String>,
+    probe_key: String,
+) {
+    let every = link.health.ping_every();
+    let run_id_every = (RUN_ID_EVERY.as_millis() / every.as_millis().max(1)).max(1) as u32;
     let mut tick = 0_u32;
+    let mut was_up = link.health.is_up();
     loop {
         let asked = tokio::select! {
-            () = tokio::time::sleep(PING_EVERY) => false,
+            () = tokio::time::sleep(every) => false,
             () = link.health.recheck.notified() => true,
         };
         tick = tick.wrapping_add(1);
-        if asked || tick.is_multiple_of(RUN_ID_EVERY) || known.is_none() {
+        if link.health.refusing.load(Ordering::Relaxed) {
+            let probe = redis::cmd("SET")
+                .arg(&probe_key)
+                .arg(1)
+                .arg("PX")
+                .arg(1_000)
+                .to_owned();
+            let wrote = tokio::time::timeout(settings.command_timeout, link.query::<()>(&probe));
+            if matches!(wrote.await, Ok(Ok(()))) {
+                tracing::info!("Redis accepts writes again");
+                link.health.refusing.store(false, Ordering::Relaxed);
+            }
+        } else if asked || !was_up || tick.is_multiple_of(run_id_every) || known.is_none() {
             if let Some(id) = run_id(&link, settings.command_timeout).await {
                 let restarted = known.as_deref() != Some(id.as_str());
-                if asked || restarted {
+                // Back after an outage, or a new server: its configuration
+                // may not be the one checked before.
+                if asked || restarted || !was_up {
                     if restarted && known.is_some() {
                         tracing::info!(
                             "Redis restarted (new run_id): checking keyspace notifications"
@@ -255,6 +312,13 @@ pub(super) async fn watch_health(link: Link, settings: PingerSettings, mut known
             let ping = redis::cmd("PING");
             let _ =
                 tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+        }
+        was_up = link.health.is_up();
+        if !was_up {
+            // Unknown until checked again, once Redis is back.
+            link.health
+                .keyspace_notifications
+                .store(false, Ordering::Relaxed);
         }
         link.health.report();
     }
@@ -334,6 +398,14 @@ mod tests {
         assert!(waits[0] <= Duration::from_millis(30));
         assert!(waits.iter().all(|w| *w <= Duration::from_millis(375)));
         assert!(waits[19] >= Duration::from_millis(125));
+    }
+
+    #[test]
+    fn an_idle_instance_is_pinged_well_within_the_window() {
+        for down_after_ms in [100, 200, 1_000, 3_000, 60_000] {
+            let health = Health::new(Duration::from_millis(down_after_ms));
+            assert!(health.ping_every() * 3 < health.down_after.max(Duration::from_millis(160)));
+        }
     }
 
     #[test]

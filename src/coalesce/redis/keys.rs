@@ -2,7 +2,7 @@
 //!
 //! `{ns}:v2:{<hash>}:value`, `{ns}:v2:{<hash>}:lock`, channel
 //! `{ns}:v2:{<hash>}:done`, `{ns}:v2:bi-cooldown`,
-//! `{ns}:v2:count:<name>:<window>`. The hash tag keeps a key's value, lock
+//! `{ns}:v2:count:<name>:<window>`, `{ns}:v2:probe:<instance>`. The hash tag keeps a key's value, lock
 //! and channel in one cluster slot. The version changes whenever what a key
 //! holds does, so gateways of two versions never read each other's entries.
 
@@ -42,6 +42,11 @@ impl KeyLayout {
     /// is the time left.
     pub(super) fn cooldown(&self) -> String {
         format!("{}:bi-cooldown", self.prefix)
+    }
+
+    /// Written by an instance to learn whether Redis accepts writes again.
+    pub(super) fn probe(&self, instance: &str) -> String {
+        format!("{}:probe:{instance}", self.prefix)
     }
 
     pub(super) fn counter(&self, name: &str, window_index: u64) -> String {

@@ -38,7 +38,7 @@ use super::{
     Coordinator, CoordinatorStatus, Counters, Deadline, Decision, Lease, LeaseKind, LocalCounters,
     StoreHealth, Waited,
 };
-use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, MemoryCache, NegativeEntry};
+use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
 use crate::telemetry::names;
 
@@ -131,10 +131,16 @@ impl RedisCoordinator {
         let run_id = health::first_check(&link, pinger).await;
         let (subscriptions, subscriber_task) =
             Subscriptions::start(subscriber_client, health, settings.command_timeout);
-        let pinger_task = tokio::spawn(health::watch_health(link.clone(), pinger, run_id));
+        let layout = KeyLayout::new(&settings.namespace, db);
+        let pinger_task = tokio::spawn(health::watch_health(
+            link.clone(),
+            pinger,
+            run_id,
+            layout.probe(&settings.instance_id),
+        ));
         Ok(RedisCoordinator {
             link,
-            layout: KeyLayout::new(&settings.namespace, db),
+            layout,
             subscriptions,
             memory: MemoryCache::new(settings.memory_max_bytes),
             counters: LocalCounters::default(),
@@ -175,13 +181,7 @@ impl RedisCoordinator {
 
     /// Writes a producer's answer or error with the settle script, retried
     /// until Redis answers or is down. Returns `None` when Redis never answered.
-    async fn settle(
-        &self,
-        lease: &Lease,
-        payload: &[u8],
-        ttl: Duration,
-        is_error: bool,
-    ) -> Option<SettleReply> {
+    async fn settle(&self, lease: &Lease, payload: &[u8], ttl: Duration) -> Option<SettleReply> {
         let token = match &lease.kind {
             LeaseKind::Locked { token } => token.clone(),
             // Produced while Redis was down: share it if Redis is back,
@@ -189,42 +189,30 @@ impl RedisCoordinator {
             LeaseKind::Uncoordinated if self.health().is_up() => self.new_token(),
             LeaseKind::Uncoordinated | LeaseKind::InProcess => return None,
         };
-        let command = scripts::settle(&self.layout, &lease.key, &token, payload, ttl, is_error);
-        let mut attempts = 0_u32;
+        let command = scripts::settle(&self.layout, &lease.key, &token, payload, ttl);
         let deadline = Instant::now() + self.settings.down_after + self.settings.command_timeout;
-        let reply = self
-            .link
-            .persist("fill", deadline, || {
-                attempts += 1;
-                self.link.query::<i64>(&command)
-            })
+        self.link
+            .persist("fill", deadline, || self.link.query::<i64>(&command))
             .await
             .ok()
-            .map(scripts::parse_settle_reply)?;
-        // A retried error fill that finds a value there may be finding its
-        // own first attempt, which landed: the same thing as storing it.
-        Some(
-            if reply == SettleReply::Skipped && is_error && attempts > 1 {
-                SettleReply::StoredWithoutLock
-            } else {
-                reply
-            },
-        )
+            .map(scripts::parse_settle_reply)
     }
 
     /// Stores `cached` for `lease`: Redis first, then the in-process copy, so
     /// this process never serves what Redis refused (another leader's key).
-    async fn store(&self, mut lease: Lease, cached: Cached, payload: Vec<u8>, is_error: bool) {
+    async fn store(&self, mut lease: Lease, cached: Cached, payload: Vec<u8>) {
         // Stop renewing first: a renewal racing the fill would find the lock
         // gone and report it lost.
         drop(lease.keep_alive.take());
         let ttl = cached
             .expires_at()
             .saturating_duration_since(Instant::now());
-        let reply = self.settle(&lease, &payload, ttl, is_error).await;
+        let reply = self.settle(&lease, &payload, ttl).await;
         let short = lease.key.short();
         match reply {
-            Some(SettleReply::Stored) => {}
+            // Stored now, or by an earlier attempt of this same fill whose
+            // reply was lost.
+            Some(SettleReply::Stored | SettleReply::AlreadyStored) => {}
             Some(SettleReply::StoredWithoutLock) => {
                 if matches!(lease.kind, LeaseKind::Locked { .. }) {
                     tracing::info!(
@@ -237,7 +225,7 @@ impl RedisCoordinator {
             Some(SettleReply::Skipped) => {
                 tracing::warn!(
                     key = short,
-                    "another leader holds or filled the key; answering this instance's waiters only"
+                    "another leader holds or already filled the key; answering this instance's waiters only"
                 );
                 if matches!(lease.kind, LeaseKind::Locked { .. }) {
                     metrics::counter!(names::LOCKS_LOST).increment(1);
@@ -286,11 +274,12 @@ impl RedisCoordinator {
                 Some(cached) => Decision::Settled(cached),
                 None => {
                     // An unreadable value would be found again and again:
-                    // remove it, and let the next round lead.
+                    // remove it (unless it changed meanwhile), and let the
+                    // next round lead.
                     let link = self.link.clone();
-                    let value = self.layout.value(key);
+                    let discard = scripts::discard_value(&self.layout, key, &payload);
                     tokio::spawn(async move {
-                        let _ = link.query::<i64>(redis::cmd("DEL").arg(value)).await;
+                        let _ = link.query::<i64>(&discard).await;
                     });
                     Decision::Busy
                 }
@@ -321,11 +310,9 @@ impl RedisCoordinator {
                 })
             }
             Some(TryReply::Busy) => {
+                // Waiting costs no BI call, cool-down or not.
                 metrics::counter!(names::LOCK_ATTEMPTS, "result" => "lost").increment(1);
-                match cooldown {
-                    Some(left) => Decision::Settled(Self::cooling_down(left)),
-                    None => Decision::Busy,
-                }
+                Decision::Busy
             }
             None => Decision::Failed(AnswerError::internal(
                 "Redis gave an unexpected answer to the lock script",
@@ -477,29 +464,30 @@ impl Coordinator for RedisCoordinator {
 
     async fn fill(&self, lease: Lease, entry: Arc<Entry>) {
         let payload = store::encode_value(&entry);
-        self.store(lease, Cached::Value(entry), payload, false)
-            .await;
+        self.store(lease, Cached::Value(entry), payload).await;
     }
 
     async fn fail(&self, lease: Lease, error: AnswerError) {
         let negative = NegativeEntry::new(error, self.settings.negative_ttl);
-        if negative.error.kind == AnswerErrorKind::RateLimited && self.health().is_up() {
-            // Every instance backs off until the BI's Retry-After has passed.
-            let left = negative.time_left().max(Duration::from_millis(1));
-            let command = redis::cmd("SET")
-                .arg(self.layout.cooldown())
-                .arg(1)
-                .arg("PX")
-                .arg(left.as_millis() as u64)
-                .to_owned();
-            let deadline = Instant::now() + self.settings.command_timeout * 2;
-            let _ = self
-                .link
-                .persist("cool-down", deadline, || self.link.query::<()>(&command))
-                .await;
-        }
         let payload = store::encode_error(&negative.error);
-        self.store(lease, Cached::Error(Arc::new(negative)), payload, true)
+        self.store(lease, Cached::Error(Arc::new(negative)), payload)
+            .await;
+    }
+
+    async fn cool_down(&self, period: Duration) {
+        if !self.health().is_up() {
+            return;
+        }
+        let command = redis::cmd("SET")
+            .arg(self.layout.cooldown())
+            .arg(1)
+            .arg("PX")
+            .arg(period.as_millis().max(1) as u64)
+            .to_owned();
+        let deadline = Instant::now() + self.settings.command_timeout * 2;
+        let _ = self
+            .link
+            .persist("cool-down", deadline, || self.link.query::<()>(&command))
             .await;
     }
 }

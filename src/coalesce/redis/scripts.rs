@@ -36,19 +36,28 @@ return {3}
 
 /// Stores `ARGV[2]` at the value `KEYS[2]` for `ARGV[3]` ms and publishes on
 /// `ARGV[4]`, unless another token holds the lock `KEYS[1]`: a paid answer is
-/// kept even when its lock expired or vanished with a restarted Redis. An
-/// error (`ARGV[5]` = `1`) without its own lock never replaces a value that
-/// another leader stored. Deletes the lock when it was ours.
+/// kept even when its lock expired or vanished with a restarted Redis. Without
+/// its lock, it never replaces an answer that is already there (another
+/// leader's, which keeps its own lifetime), unless that answer is this very
+/// payload: an earlier attempt of the same fill whose reply was lost.
+/// Deletes the lock when it was ours.
 ///
-/// Replies 1 (stored, the lock was ours), 2 (stored, the lock was gone) or
-/// 0 (skipped: another holder, or another leader's answer).
+/// Replies 1 (stored, the lock was ours), 2 (stored, the lock was gone),
+/// 3 (already stored by an earlier attempt) or 0 (skipped: another holder,
+/// or another leader's answer).
 const SETTLE: &str = r"
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return 0
 end
-if not holder and ARGV[5] == '1' and redis.call('exists', KEYS[2]) == 1 then
-  return 0
+if not holder then
+  local existing = redis.call('get', KEYS[2])
+  if existing == ARGV[2] then
+    return 3
+  end
+  if existing then
+    return 0
+  end
 end
 redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('publish', ARGV[4], 'done')
@@ -67,8 +76,9 @@ end
 return 0
 ";
 
-/// Deletes the lock `KEYS[1]` only while it holds token `ARGV[1]`.
-const RELEASE: &str = r"
+/// Deletes `KEYS[1]` only while it holds `ARGV[1]`: a lock while it holds
+/// our token, a value while it is the one we read.
+const DELETE_IF: &str = r"
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
 end
@@ -137,6 +147,8 @@ pub(super) enum SettleReply {
     Stored,
     /// Stored, though the lock had expired or vanished.
     StoredWithoutLock,
+    /// An earlier attempt of this fill had stored it.
+    AlreadyStored,
     /// Another holder has the lock, or another leader's answer is there.
     Skipped,
 }
@@ -147,7 +159,6 @@ pub(super) fn settle(
     token: &str,
     payload: &[u8],
     ttl: Duration,
-    is_error: bool,
 ) -> Cmd {
     eval(
         SETTLE,
@@ -157,7 +168,6 @@ pub(super) fn settle(
             payload,
             ttl.as_millis().max(1).to_string().as_bytes(),
             layout.done_channel(key).as_bytes(),
-            if is_error { b"1" } else { b"0" },
         ],
     )
 }
@@ -166,12 +176,18 @@ pub(super) fn parse_settle_reply(reply: i64) -> SettleReply {
     match reply {
         1 => SettleReply::Stored,
         2 => SettleReply::StoredWithoutLock,
+        3 => SettleReply::AlreadyStored,
         _ => SettleReply::Skipped,
     }
 }
 
 pub(super) fn release(layout: &KeyLayout, key: &CacheKey, token: &str) -> Cmd {
-    eval(RELEASE, &[&layout.lock(key)], &[token.as_bytes()])
+    eval(DELETE_IF, &[&layout.lock(key)], &[token.as_bytes()])
+}
+
+/// Deletes the value of `key` if it still is `payload` (an unreadable one).
+pub(super) fn discard_value(layout: &KeyLayout, key: &CacheKey, payload: &[u8]) -> Cmd {
+    eval(DELETE_IF, &[&layout.value(key)], &[payload])
 }
 
 /// Keeps a lock alive while its BI call runs: renews it every third of its
