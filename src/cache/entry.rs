@@ -173,7 +173,9 @@ impl From<&BiError> for AnswerError {
             BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => {
                 AnswerErrorKind::BiError
             }
-            BiError::Unreachable(_) | BiError::Timeout(_) => AnswerErrorKind::BiUnavailable,
+            BiError::Unavailable { .. } | BiError::Unreachable(_) | BiError::Timeout(_) => {
+                AnswerErrorKind::BiUnavailable
+            }
             BiError::RateLimited { .. } => AnswerErrorKind::RateLimited,
         };
         let retry_after_secs = match err {
