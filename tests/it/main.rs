@@ -8,6 +8,7 @@ mod otlp;
 mod batching;
 mod bi_errors;
 mod docker_compose;
+mod fault_proxy;
 mod http;
 mod metrics_format;
 mod redis_faults;

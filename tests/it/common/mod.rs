@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod proxy;
 mod redis;
+pub use self::proxy::FaultProxy;
 pub use self::redis::{RedisServer, closed_port, query};
 
 /// Longest a gateway may take to say it is listening.
