@@ -594,24 +594,28 @@ mod tests {
         Ok(Bytes::from(vec![b'x'; n]))
     }
 
+    /// A body that ends within the bounds is read to its end.
     #[tokio::test]
     async fn a_body_that_ends_is_drained() {
         let body = futures_util::stream::iter((0..10).map(|_| chunk(100)));
         assert_eq!(linger(body, BOUNDS).await, Lingered::Drained);
     }
 
+    /// More than `max_bytes` ends the drain, however fast they come.
     #[tokio::test]
     async fn an_endless_body_is_cut_after_max_bytes() {
         let body = futures_util::stream::repeat_with(|| chunk(100));
         assert_eq!(linger(body, BOUNDS).await, Lingered::TooBig);
     }
 
+    /// A client silent for `idle` is not waited for any longer.
     #[tokio::test]
     async fn a_client_that_stops_sending_is_not_waited_for() {
         let body = futures_util::stream::iter([chunk(100)]).chain(futures_util::stream::pending());
         assert_eq!(linger(body, BOUNDS).await, Lingered::Stalled);
     }
 
+    /// A client that keeps sending a byte now and then is cut after `time`.
     #[tokio::test]
     async fn a_slow_trickle_is_cut_after_the_linger_time() {
         let bounds = Linger {
@@ -626,6 +630,7 @@ mod tests {
         assert_eq!(linger(Box::pin(body), bounds).await, Lingered::TooLong);
     }
 
+    /// A body that breaks off ends the drain at once.
     #[tokio::test]
     async fn a_body_that_breaks_off_ends_the_drain() {
         let body = futures_util::stream::iter([
