@@ -411,7 +411,9 @@ pub fn answer_error(err: &BiError) -> AnswerError {
         BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => {
             AnswerErrorKind::BiError
         }
-        BiError::Unreachable(_) | BiError::Timeout(_) => AnswerErrorKind::BiUnavailable,
+        BiError::Unavailable { .. } | BiError::Unreachable(_) | BiError::Timeout(_) => {
+            AnswerErrorKind::BiUnavailable
+        }
         BiError::RateLimited { .. } => AnswerErrorKind::RateLimited,
     };
     let retry_after_secs = match err {

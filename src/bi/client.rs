@@ -37,16 +37,24 @@ pub enum BiError {
     /// `error` body that is not "Continue wait").
     #[error("the BI rejected the query (HTTP {status}): {message}")]
     Rejected { status: u16, message: String },
-    /// The BI failed on its side (5xx). Its body can hold SQL or secrets, so it
-    /// is never part of the error, only of the debug log.
+    /// The BI failed on its side (a 5xx other than those of `Unavailable`).
+    /// Its body can hold SQL or secrets, so it is never part of the error.
     #[error("the BI failed with HTTP {status}")]
     Failed { status: u16 },
+    /// The BI, or a proxy or load balancer in front of it, cannot serve now
+    /// (502, 503, 504). Nothing is wrong with the queries; as for `Failed`, the
+    /// body is never part of the error.
+    #[error("the BI is unavailable (HTTP {status})")]
+    Unavailable { status: u16 },
     /// The BI answered, but not in a shape this gateway understands.
     #[error("the BI sent an answer the gateway cannot read: {0}")]
     BadResponse(String),
     /// 429, and waiting for `Retry-After` would pass the deadline.
     #[error("the BI is rate limiting the gateway")]
     RateLimited { retry_after: Option<Duration> },
+    /// No HTTP answer at all. The reason names the kind of failure only
+    /// ("connection refused", "timed out"), never the BI's address: clients
+    /// read it, and the BI's URL is internal. The full error is logged.
     #[error("the BI could not be reached: {0}")]
     Unreachable(String),
     /// No data before the deadline (slow answers or Continue-wait rounds).
@@ -58,12 +66,16 @@ impl BiError {
     /// Whether a failed batch is worth re-sending as single queries: only
     /// when the BI judged the queries (one bad panel fails a whole batch), not
     /// when it is down, slow or rate limiting, where N retries would only make
-    /// things worse.
+    /// things worse (a batch of 50 to a BI that is down would become 51
+    /// requests). Exhaustive, so that a new kind of failure is decided here.
     pub fn is_about_the_queries(&self) -> bool {
-        matches!(
-            self,
-            BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_)
-        )
+        match self {
+            BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => true,
+            BiError::Unavailable { .. }
+            | BiError::RateLimited { .. }
+            | BiError::Unreachable(_)
+            | BiError::Timeout(_) => false,
+        }
     }
 
     /// A stable, low-cardinality name for metrics and spans.
@@ -71,6 +83,7 @@ impl BiError {
         match self {
             BiError::Rejected { .. } => "rejected",
             BiError::Failed { .. } => "server_error",
+            BiError::Unavailable { .. } => "unavailable",
             BiError::BadResponse(_) => "bad_response",
             BiError::RateLimited { .. } => "rate_limited",
             BiError::Unreachable(_) => "unreachable",
@@ -303,8 +316,8 @@ impl BiClient {
         let timed_out = || Attempt::Failed(BiError::Timeout(self.inner.timeout));
         let response = match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => return timed_out(),
-            Ok(Err(err)) if err.is_connect() => return Attempt::ConnectFailed(describe(&err)),
-            Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(describe(&err))),
+            Ok(Err(err)) if err.is_connect() => return Attempt::ConnectFailed(failure(&err)),
+            Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(failure(&err))),
             Ok(Ok(response)) => response,
         };
         let status = response.status();
@@ -317,7 +330,7 @@ impl BiClient {
             .map(Duration::from_secs);
         let bytes = match tokio::time::timeout_at(deadline, response.bytes()).await {
             Err(_) => return timed_out(),
-            Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(describe(&err))),
+            Ok(Err(err)) => return Attempt::Failed(BiError::Unreachable(failure(&err))),
             Ok(Ok(bytes)) => bytes,
         };
         span.record("bi.response_bytes", bytes.len() as i64);
@@ -332,9 +345,7 @@ impl BiClient {
                 body_bytes = bytes.len(),
                 "the BI failed on its side; see the BI's own logs for why"
             );
-            return Attempt::Failed(BiError::Failed {
-                status: status.as_u16(),
-            });
+            return Attempt::Failed(server_error(status));
         }
         let parsed: Result<LoadResponse, _> = serde_json::from_slice(&bytes);
         match parsed {
@@ -370,8 +381,13 @@ impl BiClient {
             .timeout(self.inner.timeout)
             .send()
             .await
-            .map_err(|err| BiError::Unreachable(describe(&err)))?;
+            .map_err(|err| BiError::Unreachable(failure(&err)))?;
         let status = response.status();
+        if is_unavailability(status) {
+            return Err(BiError::Unavailable {
+                status: status.as_u16(),
+            });
+        }
         if !status.is_success() {
             return Err(BiError::Rejected {
                 status: status.as_u16(),
@@ -381,7 +397,7 @@ impl BiClient {
         response
             .json()
             .await
-            .map_err(|err| BiError::BadResponse(err.to_string()))
+            .map_err(|err| BiError::BadResponse(describe(&err.without_url())))
     }
 
     /// Whether the BI answers `GET /meta` within `within`: the readiness probe.
@@ -433,6 +449,80 @@ fn split_answer(response: LoadResponse, queries: &[&CubeQuery]) -> Result<Vec<Ve
         .collect())
 }
 
+/// 502, 503 and 504 say the BI (or what stands in front of it) cannot serve
+/// now, whatever was asked.
+fn is_unavailability(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// The error of a 5xx answer: unavailability, or a failure of the BI's own.
+fn server_error(status: StatusCode) -> BiError {
+    let status_code = status.as_u16();
+    if is_unavailability(status) {
+        BiError::Unavailable {
+            status: status_code,
+        }
+    } else {
+        BiError::Failed {
+            status: status_code,
+        }
+    }
+}
+
+/// Why a request got no HTTP answer, in words a client may read. reqwest's
+/// own text names the BI's URL, an internal address: that full text goes to
+/// the log, and the error keeps only the kind of failure.
+fn failure(err: &reqwest::Error) -> String {
+    tracing::warn!(error = %describe(err), "a request to the BI got no answer");
+    reason(err).to_owned()
+}
+
+/// The kind of a transport failure, as a fixed phrase: nothing of the error's
+/// own text (addresses, host names) can pass through.
+fn reason(err: &reqwest::Error) -> &'static str {
+    use std::io::ErrorKind;
+    if err.is_timeout() {
+        return "timed out";
+    }
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return "connection refused",
+                ErrorKind::ConnectionReset => return "connection reset",
+                ErrorKind::ConnectionAborted => return "connection aborted",
+                ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => {
+                    return "connection closed by the BI";
+                }
+                ErrorKind::TimedOut => return "timed out",
+                ErrorKind::HostUnreachable => return "host unreachable",
+                ErrorKind::NetworkUnreachable => return "network unreachable",
+                _ => {}
+            }
+        }
+        // hyper-util's and hyper's messages for these are fixed texts.
+        let text = cause.to_string();
+        if text == "dns error" {
+            return "the BI's host name could not be resolved";
+        }
+        if text.contains("connection closed before message completed") {
+            return "connection closed by the BI before it answered";
+        }
+        source = cause.source();
+    }
+    if err.is_connect() {
+        "could not connect"
+    } else if err.is_body() || err.is_decode() {
+        "the answer could not be read"
+    } else {
+        "the request failed"
+    }
+}
+
+/// The whole error chain, for the log.
 fn describe(err: &reqwest::Error) -> String {
     // reqwest's Display omits the cause ("error sending request"); the chain says why.
     let mut text = err.to_string();

@@ -117,6 +117,107 @@ async fn a_failed_batch_is_retried_panel_by_panel() {
     );
 }
 
+/// Three panels of one granularity in one document, a batch, for `customer`.
+fn three_panels(customer: &str) -> Vec<Value> {
+    ["2025-03-01", "2025-03-08", "2025-03-15"]
+        .iter()
+        .map(|from| input(customer, from, "2025-03-21", MEASURES, &[], Some("DAY")))
+        .collect()
+}
+
+/// A 502, 503 or 504 on a batch of 3 panels says the BI is unavailable, not
+/// that a query is bad: exactly one BI request (no panel is asked again
+/// alone), and all 3 panels answer `BI_UNAVAILABLE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unavailable_bi_fails_a_batch_once_without_asking_each_panel() {
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    for status in [503, 502, 504] {
+        env.sim.reset().await;
+        env.sim
+            .faults(json!({"failNext": {"count": 1, "status": status}}))
+            .await;
+        // Another customer per status: no answer or error is cached yet.
+        let panels = three_panels(&format!("unavailable-{status}"));
+
+        let answer = env.gateway().graphql(&dashboard(&panels)).await;
+
+        let codes: Vec<&str> = answer["errors"]
+            .as_array()
+            .map(|errors| {
+                errors
+                    .iter()
+                    .filter_map(|e| e["extensions"]["code"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(codes, ["BI_UNAVAILABLE"; 3], "HTTP {status}: {answer}");
+        let stats = env.sim.stats();
+        assert_eq!(
+            (stats.http_requests, stats.queries, stats.max_batch_size),
+            (1, 3, 3),
+            "HTTP {status}: one batch request, no single retries: {stats:?}"
+        );
+    }
+}
+
+/// The words of `answer`'s error messages, each checked against what must
+/// never reach a client: the BI's URL, its address, its `/load` path.
+fn assert_no_bi_address(answer: &Value, address: &str, what: &str) {
+    let errors = answer["errors"].as_array().cloned().unwrap_or_default();
+    assert!(!errors.is_empty(), "{what}: {answer}");
+    let port = address.rsplit(':').next().unwrap_or(address);
+    for error in &errors {
+        let message = error["message"].as_str().unwrap_or_default();
+        for forbidden in [address, "http://", "/load", "/meta", "cubejs-api", port] {
+            assert!(
+                !message.contains(forbidden),
+                "{what}: a client reads `{forbidden}` in {message:?}"
+            );
+        }
+    }
+    assert!(
+        !answer.to_string().contains(address),
+        "{what}: the BI's address is in the answer: {answer}"
+    );
+}
+
+/// With `BI_URL` on a closed port, `aggregate` and `catalog` errors name the
+/// failure ("connection refused") but never the BI's URL, host:port or
+/// `/load`; the gateway's log has the full detail, URL included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bi_unavailable_messages_never_show_the_bi_address() {
+    let address = format!("127.0.0.1:{}", crate::common::closed_port());
+    let env = TestEnv::start(
+        TestOptions::default().env("BI_URL", format!("http://{address}/cubejs-api/v1")),
+    )
+    .await;
+
+    let aggregate = env.gateway().graphql(&body()).await;
+    let catalog = env
+        .gateway()
+        .graphql(&json!({"query": "{ catalog { cubes { name } } }"}))
+        .await;
+
+    for (what, answer) in [("aggregate", &aggregate), ("catalog", &catalog)] {
+        assert_eq!(
+            error_code(answer),
+            Some("BI_UNAVAILABLE"),
+            "{what}: {answer}"
+        );
+        assert_no_bi_address(answer, &address, what);
+        let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("connection refused"),
+            "{what}: the message names the failure: {message:?}"
+        );
+    }
+    let logs = env.gateway().output();
+    assert!(
+        logs.contains(&format!("http://{address}/cubejs-api/v1/load")),
+        "operators find the URL in the log:\n{logs}"
+    );
+}
+
 /// A BI nobody listens on is `BI_UNAVAILABLE`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unreachable_bi_is_bi_unavailable() {

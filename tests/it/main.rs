@@ -9,6 +9,7 @@ mod batching;
 mod bi_errors;
 mod dashboards;
 mod docker_compose;
+mod fault_proxy;
 mod http;
 mod metrics_format;
 mod redis_faults;

@@ -25,7 +25,9 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod proxy;
 mod redis;
+pub use self::proxy::FaultProxy;
 pub use self::redis::{LAYOUT, RedisServer, closed_port, query};
 
 /// Longest a gateway may take to say it is listening.
@@ -314,12 +316,14 @@ impl Gateway {
     }
 
     /// The HTTP status the gateway answers to the head of a `POST path` that
-    /// announces a JSON body of `content_length` bytes, none of which is sent.
+    /// announces a JSON body of `content_length` bytes, none of which is sent:
+    /// the head says `Expect: 100-continue`, so the gateway answers a body it
+    /// refuses at once instead of waiting for it.
     pub async fn status_of_announced_post(&self, path: &str, content_length: usize) -> u16 {
         use std::io::Write;
         let head = format!(
             "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             Content-Length: {content_length}\r\n\r\n",
+             Content-Length: {content_length}\r\nExpect: 100-continue\r\n\r\n",
             self.address
         );
         let address = self.address.clone();

@@ -173,61 +173,98 @@ async fn each_limit_refuses_just_over_and_answers_just_under() {
     }
 }
 
-/// Sends a `POST /graphql` with a body of `size` bytes over a raw socket,
-/// announced by `Content-Length` or sent chunked, and returns the status the
-/// gateway answers with. Writing and reading run side by side: the gateway
-/// may answer (and close) long before the body is all sent.
-async fn post_huge_body(gateway: &Gateway, size: usize, chunked: bool) -> u16 {
-    let address = gateway
+/// The head of a `POST /graphql` announcing a JSON body of `size` bytes, by
+/// `Content-Length` or chunked, with `extra` header lines (each ending in
+/// `\r\n`).
+fn post_head(address: &str, size: usize, chunked: bool, extra: &str) -> String {
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_owned()
+    } else {
+        format!("Content-Length: {size}")
+    };
+    format!(
+        "POST /graphql HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         {framing}\r\n{extra}Connection: close\r\n\r\n"
+    )
+}
+
+/// Writes a body of `size` bytes, a JSON string that never ends (only its
+/// size matters), in 64 KiB pieces, chunk-framed when `chunked`.
+fn write_huge_body(writer: &mut impl Write, size: usize, chunked: bool) -> std::io::Result<()> {
+    let mut piece = vec![b'x'; 64 * 1024];
+    piece[..10].copy_from_slice(b"{\"query\":\"");
+    let mut sent = 0;
+    while sent < size {
+        let n = piece.len().min(size - sent);
+        if chunked {
+            writer.write_all(format!("{n:x}\r\n").as_bytes())?;
+            writer.write_all(&piece[..n])?;
+            writer.write_all(b"\r\n")?;
+        } else {
+            writer.write_all(&piece[..n])?;
+        }
+        piece[..10].fill(b'x');
+        sent += n;
+    }
+    if chunked {
+        writer.write_all(b"0\r\n\r\n")?;
+    }
+    Ok(())
+}
+
+/// `host:port` of the gateway.
+fn address_of(gateway: &Gateway) -> String {
+    gateway
         .url()
         .strip_prefix("http://")
         .expect("an http URL")
-        .to_owned();
-    let exchange = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect(&address)?;
+        .to_owned()
+}
+
+/// Runs one raw exchange with the gateway on a blocking thread, bounded by
+/// the fixture's request timeout; an I/O error fails the test with `what`.
+async fn raw_exchange(
+    gateway: &Gateway,
+    what: &str,
+    exchange: impl FnOnce(std::net::TcpStream) -> std::io::Result<String> + Send + 'static,
+) -> String {
+    let address = address_of(gateway);
+    let exchange = tokio::task::spawn_blocking(move || {
+        let stream = std::net::TcpStream::connect(&address)?;
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-        let framing = if chunked {
-            "Transfer-Encoding: chunked".to_owned()
-        } else {
-            format!("Content-Length: {size}")
-        };
-        let head = format!(
-            "POST /graphql HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
-             {framing}\r\nConnection: close\r\n\r\n"
-        );
+        exchange(stream)
+    });
+    within(REQUEST_TIMEOUT, what, exchange)
+        .await
+        .expect("the exchange does not panic")
+        .unwrap_or_else(|err| panic!("{what}: {err}; gateway output:\n{}", gateway.output()))
+}
+
+/// The status code of a raw HTTP answer.
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// Sends a `POST /graphql` with a body of `size` bytes over a raw socket,
+/// announced by `Content-Length` or sent chunked, and returns the status the
+/// gateway answers with. Writing and reading run side by side: this client
+/// sees the answer however early it comes, even if the gateway closes the
+/// connection before the body is all sent.
+async fn post_huge_body(gateway: &Gateway, size: usize, chunked: bool) -> u16 {
+    let head = post_head(&address_of(gateway), size, chunked, "");
+    let answer = raw_exchange(gateway, "a huge body's answer", move |mut stream| {
         let mut writer = stream.try_clone()?;
         let sender = std::thread::spawn(move || {
-            // A JSON string that never ends: only its size matters.
-            let chunk = vec![b'x'; 64 * 1024];
-            let mut write = || -> std::io::Result<()> {
-                writer.write_all(head.as_bytes())?;
-                let mut sent = 0;
-                let mut first = true;
-                while sent < size {
-                    let n = chunk.len().min(size - sent);
-                    let mut piece = chunk[..n].to_vec();
-                    if first {
-                        piece[..10].copy_from_slice(b"{\"query\":\"");
-                        first = false;
-                    }
-                    if chunked {
-                        writer.write_all(format!("{n:x}\r\n").as_bytes())?;
-                        writer.write_all(&piece)?;
-                        writer.write_all(b"\r\n")?;
-                    } else {
-                        writer.write_all(&piece)?;
-                    }
-                    sent += n;
-                }
-                if chunked {
-                    writer.write_all(b"0\r\n\r\n")?;
-                }
-                Ok(())
-            };
             // The gateway may close the connection mid-body: that is an
             // answer too, read by the other side.
-            let _ = write();
+            let _ = writer
+                .write_all(head.as_bytes())
+                .and_then(|()| write_huge_body(&mut writer, size, chunked));
         });
         let mut answer = Vec::new();
         let mut buffer = [0_u8; 1024];
@@ -243,30 +280,232 @@ async fn post_huge_body(gateway: &Gateway, size: usize, chunked: bool) -> u16 {
         let _ = stream.shutdown(std::net::Shutdown::Both);
         let _ = sender.join();
         Ok(String::from_utf8_lossy(&answer).into_owned())
-    });
-    let answer = within(REQUEST_TIMEOUT, "a huge body's answer", exchange)
-        .await
-        .expect("the exchange does not panic")
-        .unwrap_or_else(|err| panic!("a huge body: {err}; output:\n{}", gateway.output()));
-    answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+    })
+    .await;
+    status_of(&answer)
+}
+
+/// Like most HTTP clients, writes the whole head and body of a `POST
+/// /graphql` of `size` bytes before it reads anything, then reads the answer
+/// to the end of the connection. A write error (the gateway reset the
+/// connection under it) or a reset while reading fails the test.
+async fn post_then_read(gateway: &Gateway, size: usize, chunked: bool) -> String {
+    let head = post_head(&address_of(gateway), size, chunked, "");
+    raw_exchange(
+        gateway,
+        "a huge body, then its answer",
+        move |mut stream| {
+            stream.write_all(head.as_bytes())?;
+            write_huge_body(&mut stream, size, chunked)?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer)?;
+            Ok(String::from_utf8_lossy(&answer).into_owned())
+        },
+    )
+    .await
+}
+
+/// Checks a raw answer is a 413 that closes the connection, with the
+/// GraphQL-shaped JSON error body of the gateway's other refusals.
+fn assert_readable_413(answer: &str, what: &str) {
+    assert_eq!(status_of(answer), 413, "{what}: {answer:.500}");
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{what}: no end of head: {answer:.500}"));
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "{what}: the 413 says the connection closes: {head}"
+    );
+    let body: Value = serde_json::from_str(body)
+        .unwrap_or_else(|err| panic!("{what}: not JSON ({err}): {body:.500}"));
+    assert_eq!(codes(&body), ["BAD_REQUEST"], "{what}: {body}");
+    let message = body["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("MAX_BODY_BYTES"), "{what}: {message}");
+}
+
+/// 10 MB bodies, with `Content-Length` and chunked, four of each at once and
+/// twice over, from a client that writes the whole body before it reads (as
+/// most do): every one reads a whole 413 with its JSON body and `Connection:
+/// close`. The gateway drains the rest of a refused body before answering;
+/// without that, closing on unread bytes resets the connection under the
+/// client, which then sees "connection reset" or "broken pipe", not the 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_megabyte_bodies_written_before_reading_get_a_readable_413() {
+    const SIZE: usize = 10 * 1024 * 1024;
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let gateway = env.gateway();
+    for round in 0..2 {
+        let exchanges = [false, true].into_iter().flat_map(|chunked| {
+            (0..4).map(move |i| async move {
+                let what = format!("round {round}, chunked: {chunked}, client {i}");
+                (what, post_then_read(gateway, SIZE, chunked).await)
+            })
+        });
+        for (what, answer) in futures_util::future::join_all(exchanges).await {
+            assert_readable_413(&answer, &what);
+        }
+    }
+    assert_eq!(env.sim.stats().queries, 0);
+    assert_alive(gateway, "10 MB bodies written before reading").await;
+}
+
+/// A client that announces a body over the limit with `Expect: 100-continue`
+/// gets the 413 at once, without a `100 Continue`: it never sends the body.
+/// One that announces a body under the limit gets its `100 Continue`, sends
+/// the body and gets its answer. A chunked body under the limit is answered too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bodies_are_refused_or_taken_whole_with_or_without_expect_continue() {
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let gateway = env.gateway();
+    let address = address_of(gateway);
+
+    let head = post_head(
+        &address,
+        10 * 1024 * 1024,
+        false,
+        "Expect: 100-continue\r\n",
+    );
+    let answer = raw_exchange(gateway, "an announced 10 MB body", move |mut stream| {
+        stream.write_all(head.as_bytes())?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await;
+    assert_readable_413(&answer, "Expect: 100-continue over the limit");
+
+    let body = json!({"query": "{ __typename }"}).to_string();
+    let head = post_head(&address, body.len(), false, "Expect: 100-continue\r\n");
+    let answer = raw_exchange(
+        gateway,
+        "a small body after 100 Continue",
+        move |mut stream| {
+            stream.write_all(head.as_bytes())?;
+            let mut interim = [0_u8; 25];
+            stream.read_exact(&mut interim)?;
+            let interim = String::from_utf8_lossy(&interim).into_owned();
+            stream.write_all(body.as_bytes())?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer)?;
+            Ok(format!("{interim}{}", String::from_utf8_lossy(&answer)))
+        },
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 "),
+        "{answer}"
+    );
+    assert!(answer.contains("\"__typename\":\"QueryRoot\""), "{answer}");
+
+    let (first, second) = ("{\"query\": \"{ __type", "name }\"}");
+    let head = post_head(&address, 0, true, "");
+    let answer = raw_exchange(gateway, "a chunked small body", move |mut stream| {
+        stream.write_all(head.as_bytes())?;
+        for piece in [first, second] {
+            write!(stream, "{:x}\r\n{piece}\r\n", piece.len())?;
+        }
+        stream.write_all(b"0\r\n\r\n")?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await;
+    assert_eq!(status_of(&answer), 200, "{answer}");
+    assert!(answer.contains("\"__typename\":\"QueryRoot\""), "{answer}");
+}
+
+/// A client that announces 10 MB and then sends nothing is not waited for
+/// long: its 413 comes once it has been silent for the drain's idle bound (a
+/// few seconds), and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_that_never_comes_is_refused_after_a_bounded_wait() {
+    const BOUND: Duration = Duration::from_secs(10);
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let gateway = env.gateway();
+    let head = post_head(&address_of(gateway), 10 * 1024 * 1024, false, "");
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(
+        gateway,
+        "an announced body never sent",
+        move |mut stream| {
+            stream.write_all(head.as_bytes())?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer)?;
+            Ok(String::from_utf8_lossy(&answer).into_owned())
+        },
+    )
+    .await;
+    assert_readable_413(&answer, "a body that never comes");
+    assert!(started.elapsed() < BOUND, "took {:?}", started.elapsed());
+}
+
+/// The cause of the flaky `hostile_documents_are_refused_and_the_process_stays_up`:
+/// a pooling client (reqwest, as the tests use) sending bodies over the limit.
+/// When the gateway answered before reading such a body and closed the
+/// connection with the rest unread, about one exchange in twenty failed with
+/// "error sending request" (a broken pipe while writing the body); and a
+/// request sent right after could go down the connection the gateway was
+/// closing, which its 413 had not announced. Now 40 rounds of a 1 MB body then
+/// a small query on the same client all succeed: 413, then 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pooled_client_reads_every_413_and_its_next_request_works() {
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let gateway = env.gateway();
+    let http = client();
+    let big = format!("{{\"query\": \"{}\"}}", "x".repeat(1024 * 1024));
+    let small = json!({"query": "{ __typename }"}).to_string();
+    for round in 0..40 {
+        let refused = post(
+            &http,
+            gateway,
+            "/graphql",
+            Some("application/json"),
+            &[],
+            big.clone(),
+        )
+        .await;
+        assert_eq!(refused.status, 413, "round {round}: {}", refused.text);
+        assert_eq!(codes(&refused.json()), ["BAD_REQUEST"], "round {round}");
+        let answered = post(
+            &http,
+            gateway,
+            "/graphql",
+            Some("application/json"),
+            &[],
+            small.clone(),
+        )
+        .await;
+        assert_eq!(answered.status, 200, "round {round}: {}", answered.text);
+    }
 }
 
 /// 10 MB bodies, with `Content-Length` and chunked, five of each at once:
 /// all 413, 0 BI queries, and the gateway's resident memory (and its peak)
 /// grows by less than one such body.
+///
+/// The gateway's allocator, mimalloc, asks for transparent huge pages on its
+/// arenas, so with them its RSS moves in 2 MiB steps as buffers land on
+/// untouched huge pages: it measures the arenas' layout more than what the
+/// gateway keeps (under parallel load the same run grew by 0 to 8 MiB). This
+/// gateway runs without them (`MIMALLOC_ALLOW_THP=0`), so RSS counts 4 KiB
+/// pages, and the bound stays tight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_megabyte_bodies_get_413_and_memory_stays_flat() {
     const SIZE: usize = 10 * 1024 * 1024;
     const MAX_GROWTH_KIB: u64 = 8 * 1024;
-    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .latency_ms(50)
+            .env("MIMALLOC_ALLOW_THP", "0"),
+    )
+    .await;
     let gateway = env.gateway();
-    // Warm up with the same pattern and bodies just over the limit: the
-    // first connections allocate buffers and allocator arenas that later
-    // ones reuse.
+    // Warm up with the same pattern and 2 MB bodies: the first connections
+    // allocate buffers and allocator arenas that later ones reuse. The
+    // gateway reads (and throws away) what it refuses, so its connections'
+    // read buffers grow to their bound only after a few hundred KB; 2 MB
+    // bodies get there. A gateway that kept the bodies it refuses would still
+    // grow by far more than the bound below with the 10 MB ones.
     let answer = gateway.graphql(&json!({"query": "{ __typename }"})).await;
     assert!(answer.get("errors").is_none(), "{answer}");
     let five_at_once = |size: usize, chunked: bool| {
@@ -274,7 +513,7 @@ async fn ten_megabyte_bodies_get_413_and_memory_stays_flat() {
     };
     for _ in 0..3 {
         for chunked in [false, true] {
-            for status in five_at_once(512 * 1024, chunked).await {
+            for status in five_at_once(2 * 1024 * 1024, chunked).await {
                 assert_eq!(status, 413, "chunked: {chunked}");
             }
         }
