@@ -10,8 +10,8 @@ use futures_util::future::join_all;
 use serde_json::{Value, json};
 
 use crate::common::{
-    RedisServer, TestEnv, TestOptions, dashboard, error_code, expected_rows_for, input, panel_body,
-    query, wait_until, within,
+    FaultProxy, RedisServer, TestEnv, TestOptions, dashboard, error_code, expected_rows_for, input,
+    panel_body, query, redis_connection, wait_until, within,
 };
 
 /// Ten different panels of one customer, all of one granularity.
@@ -370,14 +370,14 @@ async fn instances_whose_clocks_disagree_share_values_and_errors() {
     }
 }
 
-/// The namespace's pub/sub channels (`done` and keyspace ones) that anyone is
-/// subscribed to on `redis`.
-async fn subscribed_channels(env: &TestEnv) -> Vec<String> {
-    let mut conn = env.redis().await;
+/// The pub/sub channels (`done` and keyspace ones) of `namespace` that
+/// anyone is subscribed to on the Redis at `url`.
+async fn subscribed_channels(url: &str, namespace: &str) -> Vec<String> {
+    let mut conn = redis_connection(url).await;
     let channels: Vec<String> = query(&mut conn, redis::cmd("PUBSUB").arg("CHANNELS")).await;
     channels
         .into_iter()
-        .filter(|c| c.contains(&env.namespace))
+        .filter(|c| c.contains(namespace))
         .collect()
 }
 
@@ -404,7 +404,9 @@ async fn no_channel_stays_subscribed_after_the_waits() {
         }
     });
     wait_until(Duration::from_secs(10), "waiters subscribed", || async {
-        !subscribed_channels(&env).await.is_empty()
+        !subscribed_channels(env.redis_url.as_deref().unwrap_or_default(), &env.namespace)
+            .await
+            .is_empty()
     })
     .await;
     for reply in in_flight.await.expect("no panic") {
@@ -414,7 +416,11 @@ async fn no_channel_stays_subscribed_after_the_waits() {
     wait_until(
         Duration::from_secs(5),
         "every channel unsubscribed",
-        || async { subscribed_channels(&env).await.is_empty() },
+        || async {
+            subscribed_channels(env.redis_url.as_deref().unwrap_or_default(), &env.namespace)
+                .await
+                .is_empty()
+        },
     )
     .await;
     assert_eq!(env.sim.stats().queries, 3);
@@ -579,4 +585,127 @@ async fn an_idle_instance_with_a_short_lock_ttl_never_looks_down() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     assert!(seen.iter().all(|r| r == "up"), "/readyz said {seen:?}");
+}
+
+/// A waiter's subscription ends with its wait even when the connection that
+/// carried it is gone: gw-0 waits for a key gw-1 holds; every connection to
+/// Redis is reset and new ones are refused for 3 s (a network outage shorter
+/// than `REDIS_DOWN_AFTER_MS`), during which gw-0's request passes its 2 s
+/// deadline and unsubscribes, in vain. Once the network is back, the
+/// reconnected subscriber has only the channels still waited on: none of the
+/// namespace stays subscribed, and gw-1's paid answer is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_channel_stays_subscribed_after_an_outage() {
+    let redis = RedisServer::start(&[]).await;
+    let proxy = FaultProxy::start(&redis.url()["redis://".len()..]).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis_at(proxy.redis_url())
+            .instances(2)
+            .latency_ms(4_000)
+            .instance_env(0, "REQUEST_TIMEOUT_SECS", 2)
+            .instance_env(1, "REQUEST_TIMEOUT_SECS", 20)
+            .env("REDIS_TIMEOUT_MS", 300)
+            .env("REDIS_DOWN_AFTER_MS", 20_000),
+    )
+    .await;
+    let body = panel_body(panel_inputs("outage-unsubscribed")[0].clone());
+    let holder = tokio::spawn({
+        let client = env.gateways[1].client();
+        let body = body.clone();
+        async move { client.graphql(&body).await }
+    });
+    env.wait_for_lock_owner(Duration::from_secs(20)).await;
+    let waiter = tokio::spawn({
+        let client = env.gateways[0].client();
+        let body = body.clone();
+        async move { client.graphql(&body).await }
+    });
+    wait_until(Duration::from_secs(10), "gw-0 subscribed", || async {
+        !subscribed_channels(&redis.url(), &env.namespace)
+            .await
+            .is_empty()
+    })
+    .await;
+
+    proxy.refuse_new(true);
+    proxy.reset_connections();
+    let waited = waiter.await.expect("no panic").expect("answered").body;
+    assert_eq!(error_code(&waited), Some("BI_UNAVAILABLE"), "{waited}");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    proxy.refuse_new(false);
+
+    let held = holder.await.expect("no panic").expect("answered").body;
+    assert!(held.get("errors").is_none(), "{held}\n{}", env.logs());
+    wait_until(
+        Duration::from_secs(10),
+        "every channel unsubscribed",
+        || async {
+            subscribed_channels(&redis.url(), &env.namespace)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(10),
+        "the paid answer stored",
+        || async { env.redis_keys("value").await.len() == 1 },
+    )
+    .await;
+    assert_eq!(env.sim.stats().queries, 1);
+}
+
+/// Every connection between three instances and Redis is reset in the middle
+/// of a 60-request stampede (the leader's BI call running, waiters
+/// subscribed): the connections come back by themselves, the waiters are
+/// woken, and the stampede still costs one BI call, with the right rows for
+/// everyone and no degraded answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropped_connections_cost_no_extra_bi_call() {
+    let redis = RedisServer::start(&[]).await;
+    let proxy = FaultProxy::start(&redis.url()["redis://".len()..]).await;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis_at(proxy.redis_url())
+            .instances(3)
+            .latency_ms(1_500),
+    )
+    .await;
+    let panel = panel_inputs("dropped")[0].clone();
+    let expected = expected_rows_for(&panel);
+    let body = panel_body(panel);
+
+    let in_flight = env.spawn_fire(60, &body);
+    env.wait_for_lock_owner(Duration::from_secs(20)).await;
+    wait_until(Duration::from_secs(20), "the leader's BI call", || async {
+        env.sim.stats().http_requests >= 1
+    })
+    .await;
+    wait_until(Duration::from_secs(10), "waiters subscribed", || async {
+        !subscribed_channels(&redis.url(), &env.namespace)
+            .await
+            .is_empty()
+    })
+    .await;
+    proxy.reset_connections();
+
+    let replies = within(
+        Duration::from_secs(30),
+        "the stampede",
+        join_all(in_flight.into_iter().map(crate::common::InFlight::outcome)),
+    )
+    .await;
+    for reply in replies {
+        let reply = reply.expect("answered");
+        assert!(
+            reply.body.get("errors").is_none(),
+            "{}\n{}",
+            reply.body,
+            env.logs()
+        );
+        assert_eq!(reply.body["data"]["aggregate"]["rows"], expected);
+        assert_eq!(reply.degraded, None, "{}", reply.body);
+    }
+    assert_eq!(env.sim.stats().queries, 1, "{:?}", env.sim.stats());
 }

@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 mod proxy;
 mod redis;
 pub use self::proxy::FaultProxy;
-pub use self::redis::{LAYOUT, RedisServer, closed_port, query};
+pub use self::redis::{LAYOUT, RedisServer, closed_port, query, redis_connection};
 
 /// Longest a gateway may take to say it is listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
