@@ -76,6 +76,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    // The recorder first: whatever is recorded before it is installed is lost.
+    let metrics = telemetry::metrics_handle();
     let mut tasks = TaskGuard(Vec::new());
 
     let base_url = match &config.bi {
@@ -193,7 +195,7 @@ pub async fn run(
         limits: config.graphql.clone(),
         aggregator,
         bi,
-        metrics: telemetry::metrics_handle(),
+        metrics,
         request_timeout: config.request_timeout,
         instance_id: config.instance_id.as_str().into(),
         documents: http::DocumentCache::default(),

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use analytics_gateway::telemetry::names;
 use serde_json::Value;
 
 use crate::common::{TestEnv, TestOptions, expected_rows, metric, panel, wait_until, within};
@@ -52,22 +53,22 @@ async fn metrics_account_for_a_stampede() {
     assert!(content_type.starts_with("text/plain"), "{content_type}");
     let text = response.text().await.expect("a text body");
     assert!(
-        text.contains("# TYPE cache_lookups_total counter"),
+        text.contains(&format!("# TYPE {} counter", names::CACHE_LOOKUPS)),
         "{text}"
     );
     let value = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels).unwrap_or(0.0);
     assert_eq!(
-        value("bi_queries_total", &[("outcome", "ok")]),
+        value(names::BI_QUERIES, &[("outcome", "ok")]),
         1.0,
         "{text}"
     );
     assert_eq!(
-        value("cache_lookups_total", &[("status", "miss")]),
+        value(names::CACHE_LOOKUPS, &[("status", "miss")]),
         1.0,
         "{text}"
     );
     assert_eq!(
-        value("cache_lookups_total", &[("status", "coalesced")]),
+        value(names::CACHE_LOOKUPS, &[("status", "coalesced")]),
         (N - 1) as f64,
         "{text}"
     );
@@ -103,7 +104,7 @@ async fn metrics_count_cache_hits() {
         .await
         .expect("a text body");
     let value =
-        |status: &str| metric(&text, "cache_lookups_total", &[("status", status)]).unwrap_or(0.0);
+        |status: &str| metric(&text, names::CACHE_LOOKUPS, &[("status", status)]).unwrap_or(0.0);
     assert_eq!((value("miss"), value("hit")), (1.0, 2.0), "{text}");
 }
 
