@@ -24,7 +24,9 @@ use crate::aggregate::Aggregator;
 use crate::auth::{Authenticator, Identity};
 use crate::bi::BiClient;
 use crate::config::GraphqlLimits;
-use crate::graphql::limits::{DocumentLimits, LimitError, check_document, check_tokens};
+use crate::graphql::limits::{
+    DocumentLimits, DocumentSummary, LimitError, check_document, check_tokens,
+};
 use crate::graphql::{AggregateLoader, ErrorCode, GatewaySchema, classify_request_errors};
 use crate::telemetry::{self, names};
 use tracing::Instrument;
@@ -253,7 +255,20 @@ async fn execute(
     mut request: async_graphql::Request,
 ) -> async_graphql::Response {
     let started = std::time::Instant::now();
-    let operation = state.operations.label(request.operation_name.as_deref());
+    // The limits parse the document first, and the document names the
+    // operation when the body does not (`query Panel { ... }` is `Panel`).
+    let checked = check_limits(state, &mut request)
+        .and_then(|summary| refuse_introspection(&identity, summary));
+    let document_name = checked
+        .as_ref()
+        .ok()
+        .and_then(|summary| summary.operation_name.clone());
+    let operation = state.operations.label(
+        request
+            .operation_name
+            .as_deref()
+            .or(document_name.as_deref()),
+    );
     let span = if telemetry::exporting() {
         tracing::info_span!(
             "graphql.request",
@@ -272,9 +287,9 @@ async fn execute(
         span.record("trace_id", trace_id);
     }
 
-    let mut response = match check_limits(state, &mut request) {
+    let mut response = match checked {
         Err(refused) => async_graphql::Response::from_errors(vec![refused]),
-        Ok(()) => {
+        Ok(_) => {
             let deadline = Instant::now() + state.request_timeout;
             let loader = DataLoader::new(
                 AggregateLoader::new(
@@ -285,8 +300,9 @@ async fn execute(
                 ),
                 tokio::spawn,
             );
-            // Unauthenticated callers learn nothing of the schema: no
-            // introspection, no "did you mean" suggestions.
+            // Unauthenticated callers learn nothing of the schema: their
+            // introspection was refused above (this is a second lock), and
+            // errors carry no "did you mean" suggestions.
             let schema = if identity.is_authenticated() {
                 &state.schema
             } else {
@@ -312,34 +328,57 @@ async fn execute(
 }
 
 /// The cost limits async-graphql does not check: tokens before parsing, then
-/// `aggregate` fields and aliases in the parsed (cached) document.
+/// `aggregate` fields, aliases, fields and depth in the parsed (cached)
+/// document. A document that does not parse passes, for execution to report.
 fn check_limits(
     state: &AppState,
     request: &mut async_graphql::Request,
-) -> Result<(), async_graphql::ServerError> {
-    let refuse = |err: LimitError| {
-        let mut error = async_graphql::ServerError::new(err.to_string(), None);
-        error
-            .extensions
-            .get_or_insert_with(Default::default)
-            .set("code", ErrorCode::QueryTooComplex.as_str());
-        error
-    };
+) -> Result<DocumentSummary, async_graphql::ServerError> {
+    let refuse = |err: LimitError| coded_error(err.to_string(), ErrorCode::QueryTooComplex);
     check_tokens(&request.query, state.limits.max_tokens).map_err(refuse)?;
     state.documents.prepare(request);
-    if let Ok(document) = request.parsed_query() {
-        check_document(
+    match request.parsed_query() {
+        Ok(document) => check_document(
             document,
             DocumentLimits {
                 max_aggregates: state.limits.max_aggregates,
                 max_aliases: state.limits.max_aliases,
                 // Each field counts 1 in async-graphql's complexity too.
                 max_fields: state.limits.max_complexity,
+                max_depth: state.limits.max_depth,
             },
         )
-        .map_err(refuse)?;
+        .map_err(refuse),
+        Err(_) => Ok(DocumentSummary::default()),
     }
-    Ok(())
+}
+
+/// With authentication on, introspection needs a credential. Refused with
+/// `UNAUTHENTICATED` rather than answered `null`, so that a GraphiQL user
+/// learns why the docs are empty and what to send.
+fn refuse_introspection(
+    identity: &Identity,
+    summary: DocumentSummary,
+) -> Result<DocumentSummary, async_graphql::ServerError> {
+    match identity {
+        Identity::Unauthenticated(why) if summary.introspects => Err(coded_error(
+            format!(
+                "introspection needs a credential: {why} (in GraphiQL, put \
+                 {{\"Authorization\": \"Bearer <JWT>\"}} in the Headers tab)"
+            ),
+            ErrorCode::Unauthenticated,
+        )),
+        _ => Ok(summary),
+    }
+}
+
+fn coded_error(message: String, code: ErrorCode) -> async_graphql::ServerError {
+    let mut error = async_graphql::ServerError::new(message, None);
+    error
+        .extensions
+        .get_or_insert_with(Default::default)
+        .set("code", code.as_str());
+    error
 }
 
 /// While Redis is down, answers come from in-process coalescing and direct

@@ -43,7 +43,10 @@ pub fn build_schema(
 ) -> GatewaySchema {
     let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
         .data(context)
-        .limit_depth(limits.max_depth)
+        // No `limit_depth`: async-graphql would count introspection's own
+        // nesting, which refuses GraphiQL's standard introspection query.
+        // `limits::check_document` counts depth without it and gives
+        // introspection bounds of its own.
         .limit_complexity(limits.max_complexity)
         .limit_directives(limits.max_directives_per_field)
         .limit_recursive_depth(limits.max_recursive_depth);

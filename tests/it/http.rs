@@ -108,6 +108,44 @@ async fn metrics_count_cache_hits() {
     assert_eq!((value("miss"), value("hit")), (1.0, 2.0), "{text}");
 }
 
+/// The `operation` label of `/metrics` is the operation the document names
+/// (`query Panel { ... }` is `Panel`) when the body has no `operationName`,
+/// and the body's `operationName` when it has one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operation_label_is_named_by_the_document() {
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let body = panel(
+        "acme",
+        "2025-01-01",
+        "2025-01-07",
+        &["Sales.orders"],
+        &[],
+        Some("DAY"),
+    );
+    assert!(body.get("operationName").is_none(), "{body}");
+    let answer = env.gateway().graphql(&body).await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+    let named = serde_json::json!({
+        "query": "query A { __typename } query B { __typename }",
+        "operationName": "B",
+    });
+    let answer = env.gateway().graphql(&named).await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+
+    let text = env
+        .gateway()
+        .get("/metrics")
+        .await
+        .text()
+        .await
+        .expect("a text body");
+    let count = format!("{}_count", names::GRAPHQL_DURATION);
+    let calls = |operation: &str| metric(&text, &count, &[("operation", operation)]);
+    assert_eq!(calls("Panel"), Some(1.0), "{text}");
+    assert_eq!(calls("B"), Some(1.0), "{text}");
+    assert_eq!(calls("anonymous"), None, "{text}");
+}
+
 /// `GET /graphql` serves GraphiQL to browsers and executes queries otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn get_graphql_serves_graphiql_and_queries() {

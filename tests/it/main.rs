@@ -9,6 +9,7 @@ mod batching;
 mod bi_errors;
 mod docker_compose;
 mod http;
+mod introspection;
 mod metrics_docs;
 mod metrics_format;
 mod redis_faults;
