@@ -278,6 +278,30 @@ pub enum BiTarget {
     Remote { base_url: String },
 }
 
+impl BiTarget {
+    /// What the start-up log should warn about. A Cube REST API's base URL
+    /// ends in `/v1` (`https://cube.example.com/cubejs-api/v1`): the gateway
+    /// appends `/load` and `/meta` to `BI_URL` as given, so a URL without it
+    /// most likely reaches nothing. This warns rather than refuses: a reverse
+    /// proxy in front of Cube may rewrite paths, and a working set-up must not
+    /// be refused for its spelling.
+    pub fn warning(&self) -> Option<String> {
+        let BiTarget::Remote { base_url } = self else {
+            return None;
+        };
+        let path = reqwest::Url::parse(base_url)
+            .map(|url| url.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        (!path.ends_with("/v1")).then(|| {
+            format!(
+                "BI_URL `{base_url}` does not end in /v1: Cube's REST API is at a URL like \
+                 https://cube.example.com/cubejs-api/v1, and the gateway will ask \
+                 `{base_url}/load`; fix BI_URL unless a proxy rewrites the path"
+            )
+        })
+    }
+}
+
 /// How the BI client behaves, whatever the target.
 #[derive(Debug, Clone)]
 pub struct BiClientSettings {
@@ -314,6 +338,9 @@ pub struct QueryLimits {
     pub max_measures: usize,
     pub max_dimensions: usize,
     pub max_customer_len: usize,
+    /// `BI_TIME_DIMENSION`, refused in `dimensions` even before the BI's
+    /// catalog is known: its buckets come from `granularity`.
+    pub time_dimension: String,
 }
 
 /// What turns a validated query into a BI query; all of it is part of the cache key.
@@ -562,6 +589,7 @@ impl Config {
                 max_measures: cli.max_measures,
                 max_dimensions: cli.max_dimensions,
                 max_customer_len: cli.max_customer_len,
+                time_dimension: cli.bi_time_dimension.clone(),
             },
             planner: PlannerSettings {
                 customer_member: cli.bi_customer_member,
@@ -711,6 +739,22 @@ mod tests {
             let err = parse(args).expect_err("must be rejected");
             assert_eq!(err.variable, *variable, "{args:?}");
         }
+    }
+
+    #[test]
+    fn a_bi_url_without_v1_is_warned_about() {
+        let warning = |url: &str| {
+            parse(&["--bi-url", url])
+                .expect("a valid BI_URL")
+                .bi
+                .warning()
+        };
+        assert_eq!(warning("http://cube:4000/cubejs-api/v1"), None);
+        assert_eq!(warning("http://cube:4000/cubejs-api/v1/"), None);
+        let warned = warning("http://cube:4000/cubejs-api").expect("a warning");
+        assert!(warned.contains("/v1"), "{warned}");
+        assert!(warning("http://cube:4000").is_some());
+        assert_eq!(Config::embedded_defaults().bi.warning(), None);
     }
 
     #[test]

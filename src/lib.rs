@@ -80,6 +80,9 @@ pub async fn run(
     let metrics = telemetry::metrics_handle();
     let mut tasks = TaskGuard(Vec::new());
 
+    if let Some(warning) = config.bi.warning() {
+        tracing::warn!("{warning}");
+    }
     let base_url = match &config.bi {
         BiTarget::Remote { base_url } => base_url.clone(),
         BiTarget::Embedded { latency } => {
@@ -143,7 +146,7 @@ pub async fn run(
         },
     );
 
-    let catalog = Arc::new(CatalogStore::default());
+    let catalog = Arc::new(CatalogStore::new(&config.planner.time_dimension));
     tasks.0.push(tokio::spawn(
         Arc::clone(&catalog).refresh_forever(bi.clone(), config.catalog_refresh),
     ));

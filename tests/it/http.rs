@@ -146,6 +146,39 @@ async fn the_operation_label_is_named_by_the_document() {
     assert_eq!(calls("anonymous"), None, "{text}");
 }
 
+/// A `BI_URL` without the `/v1` of Cube's REST API is warned about at start
+/// (naming the variable), not refused: behind a path-rewriting proxy it may
+/// be right, and bi-sim, like such a proxy, answers under any prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bi_url_without_v1_is_warned_about_at_start() {
+    let sim = crate::common::Sim::start(Duration::from_millis(10)).await;
+    let without_v1 = sim.base_url().trim_end_matches("/v1").to_owned();
+    let env = TestEnv::start(TestOptions::default().env("BI_URL", &without_v1)).await;
+    let output = env.gateway().output();
+    assert!(
+        output
+            .lines()
+            .any(|line| line.contains("WARN") && line.contains("BI_URL") && line.contains("/v1")),
+        "{output}"
+    );
+    let answer = env
+        .gateway()
+        .graphql(&panel(
+            "acme",
+            "2025-01-01",
+            "2025-01-02",
+            &["Sales.orders"],
+            &[],
+            None,
+        ))
+        .await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+    assert_eq!(sim.stats().queries, 1);
+
+    let quiet = TestEnv::start(TestOptions::default()).await;
+    assert!(!quiet.gateway().output().contains("does not end in /v1"));
+}
+
 /// `GET /graphql` serves GraphiQL to browsers and executes queries otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn get_graphql_serves_graphiql_and_queries() {
