@@ -143,10 +143,20 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
 const MAX_BATCH_OPERATIONS: usize = 10;
 
 async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = csrf_check(&state, &headers) {
+    let media = ResponseMedia::negotiate(&headers);
+    media.label(post_answer(&state, &headers, media, body).await)
+}
+
+async fn post_answer(
+    state: &AppState,
+    headers: &HeaderMap,
+    media: ResponseMedia,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = csrf_check(state, headers) {
         return refused;
     }
-    let identity = state.identify(&headers);
+    let identity = state.identify(headers);
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
         if !state.limits.allow_batched_requests {
             return request_error(
@@ -165,15 +175,17 @@ async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: B
         let responses = futures_util::future::join_all(
             requests
                 .into_iter()
-                .map(|request| execute(&state, &headers, identity.clone(), request)),
+                .map(|request| execute(state, headers, identity.clone(), request)),
         )
         .await;
-        return with_degraded_flag(&state, Json(responses).into_response());
+        // Batches are not part of GraphQL over HTTP: each answer as with
+        // application/json, the whole with status 200.
+        return with_degraded_flag(state, Json(responses).into_response());
     }
     match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => {
-            let response = execute(&state, &headers, identity, request).await;
-            with_degraded_flag(&state, Json(response).into_response())
+            let response = execute(state, headers, identity, request).await;
+            with_degraded_flag(state, media.answer(response))
         }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
@@ -238,13 +250,105 @@ async fn graphql_get(
         )
         .into_response();
     }
-    match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
-        Ok(request) => {
-            let identity = state.identify(&headers);
-            let response = execute(&state, &headers, identity, request).await;
-            with_degraded_flag(&state, Json(response).into_response())
+    let media = ResponseMedia::negotiate(&headers);
+    media.label(
+        match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
+            Ok(request) => {
+                let identity = state.identify(&headers);
+                let response = execute(&state, &headers, identity, request).await;
+                with_degraded_flag(&state, media.answer(response))
+            }
+            Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
+        },
+    )
+}
+
+/// The media type of a GraphQL answer, chosen from the request's `Accept`
+/// as GraphQL over HTTP says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseMedia {
+    /// `application/json`: every GraphQL answer is 200, request errors
+    /// included (with `data: null`). Also for `*/*` and no `Accept` at all.
+    Json,
+    /// `application/graphql-response+json`: a request that fails before
+    /// execution (it does not parse or validate, its variables do not
+    /// coerce, a limit or a missing credential refuses it) is 400 without a
+    /// `data` entry; an executed one is 200.
+    GraphqlResponse,
+}
+
+impl ResponseMedia {
+    pub const GRAPHQL_RESPONSE_JSON: &'static str = "application/graphql-response+json";
+
+    /// The acceptable media type with the highest `q`; on a tie, the one the
+    /// client listed first. Neither acceptable (or no `Accept`): JSON.
+    pub fn negotiate(headers: &HeaderMap) -> ResponseMedia {
+        let mut best: Option<(f32, ResponseMedia)> = None;
+        let ranges = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','));
+        for range in ranges {
+            let mut parts = range.split(';');
+            let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|param| param.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, value)| value.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let media = match essence.as_str() {
+                Self::GRAPHQL_RESPONSE_JSON => ResponseMedia::GraphqlResponse,
+                "application/json" | "application/*" | "*/*" => ResponseMedia::Json,
+                _ => continue,
+            };
+            if q > 0.0 && best.is_none_or(|(best_q, _)| q > best_q) {
+                best = Some((q, media));
+            }
         }
-        Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
+        best.map_or(ResponseMedia::Json, |(_, media)| media)
+    }
+
+    /// One GraphQL answer in this media type.
+    fn answer(self, response: async_graphql::Response) -> Response {
+        match self {
+            ResponseMedia::Json => Json(response).into_response(),
+            ResponseMedia::GraphqlResponse => {
+                // Execution gives every field error a path; errors with none
+                // and no data mean the request never reached execution.
+                let request_error = response.data == async_graphql::Value::Null
+                    && !response.errors.is_empty()
+                    && response.errors.iter().all(|error| error.path.is_empty());
+                let mut body = serde_json::to_value(&response).unwrap_or_default();
+                let status = if request_error {
+                    if let Some(body) = body.as_object_mut() {
+                        body.remove("data");
+                    }
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::OK
+                };
+                (status, Json(body)).into_response()
+            }
+        }
+    }
+
+    /// Labels a JSON answer (GraphQL, or a 400 for a body that is not
+    /// GraphQL) with this media type; `application/json` ones stay as they are.
+    fn label(self, mut response: Response) -> Response {
+        let is_json = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+        if self == ResponseMedia::GraphqlResponse && is_json {
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/graphql-response+json; charset=utf-8",
+                ),
+            );
+        }
+        response
     }
 }
 
@@ -459,4 +563,48 @@ async fn record_http(request: Request, next: Next) -> Response {
     )
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_chooses_by_q_then_by_order() {
+        let media = |accept: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(accept) = accept {
+                headers.insert(header::ACCEPT, accept.parse().expect("a header value"));
+            }
+            ResponseMedia::negotiate(&headers)
+        };
+        use ResponseMedia::{GraphqlResponse, Json};
+        let cases = [
+            (None, Json),
+            (Some("*/*"), Json),
+            (Some("text/html"), Json),
+            (Some("application/json"), Json),
+            (Some("application/graphql-response+json"), GraphqlResponse),
+            (
+                Some("Application/GraphQL-Response+JSON; charset=utf-8"),
+                GraphqlResponse,
+            ),
+            (
+                Some("application/graphql-response+json, application/json;q=0.9"),
+                GraphqlResponse,
+            ),
+            (
+                Some("application/json, application/graphql-response+json"),
+                Json,
+            ),
+            (Some("application/graphql-response+json;q=0.5, */*"), Json),
+            (
+                Some("application/graphql-response+json;q=0, application/json;q=0.1"),
+                Json,
+            ),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(media(accept), expected, "{accept:?}");
+        }
+    }
 }

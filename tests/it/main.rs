@@ -8,6 +8,7 @@ mod otlp;
 mod batching;
 mod bi_errors;
 mod docker_compose;
+mod graphql_http;
 mod http;
 mod introspection;
 mod metrics_docs;
