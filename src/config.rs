@@ -200,6 +200,12 @@ pub struct Cli {
     #[arg(long, env = "CATALOG_REFRESH_SECS", default_value_t = 300)]
     pub catalog_refresh_secs: u64,
 
+    /// After SIGTERM or Ctrl-C, how long `/readyz` answers 503 while
+    /// everything else is still served, so that load balancers stop sending
+    /// before the listener closes; 0 closes it at once.
+    #[arg(long, env = "SHUTDOWN_DRAIN_SECS", default_value_t = 0)]
+    pub shutdown_drain_secs: u64,
+
     /// Name of this instance in cache entries, logs and traces; defaults to a random id.
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -265,6 +271,8 @@ pub struct Config {
     pub auth: Option<AuthSettings>,
     pub request_timeout: Duration,
     pub catalog_refresh: Duration,
+    /// `SHUTDOWN_DRAIN_SECS`.
+    pub shutdown_drain: Duration,
     pub instance_id: String,
     pub telemetry: TelemetrySettings,
 }
@@ -623,6 +631,7 @@ impl Config {
             auth,
             request_timeout: Duration::from_secs(cli.request_timeout_secs),
             catalog_refresh: Duration::from_secs(cli.catalog_refresh_secs),
+            shutdown_drain: Duration::from_secs(cli.shutdown_drain_secs),
             instance_id: cli
                 .instance_id
                 .filter(|id| !id.trim().is_empty())

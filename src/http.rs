@@ -22,12 +22,12 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 use crate::aggregate::Aggregator;
 use crate::auth::{Authenticator, Identity};
-use crate::bi::BiClient;
 use crate::config::GraphqlLimits;
 use crate::graphql::limits::{
     DocumentLimits, DocumentSummary, LimitError, check_document, check_tokens,
 };
 use crate::graphql::{AggregateLoader, ErrorCode, GatewaySchema, classify_request_errors};
+use crate::readiness::{Phase, Readiness};
 use crate::telemetry::{self, names};
 use tracing::Instrument;
 
@@ -41,12 +41,13 @@ pub struct AppState {
     pub authenticator: Option<Arc<Authenticator>>,
     pub limits: GraphqlLimits,
     pub aggregator: Arc<Aggregator>,
-    pub bi: BiClient,
     pub metrics: PrometheusHandle,
     pub request_timeout: Duration,
     pub instance_id: Arc<str>,
     pub documents: DocumentCache,
     pub operations: OperationNames,
+    /// The process's phase and the BI's last probe, for `/readyz`.
+    pub readiness: Arc<Readiness>,
 }
 
 impl AppState {
@@ -513,19 +514,21 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// 200 while the BI answers; the body says how each dependency is doing.
+/// 200 while the process can serve anything (cached answers need neither
+/// the BI nor Redis), 503 while it starts and once shutdown has begun; the
+/// body says how each dependency is doing.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let bi_up = state.bi.is_reachable(Duration::from_secs(2)).await;
+    let phase = state.readiness.phase();
     let coordinator = state.aggregator.coordinator().describe();
-    let status = if bi_up {
+    let status = if phase == Phase::Serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if bi_up { "ready" } else { "not_ready" },
+        "status": phase.as_str(),
         "instance": &*state.instance_id,
-        "bi": if bi_up { "up" } else { "down" },
+        "bi": state.readiness.bi().as_str(),
         "redis": coordinator.redis,
         "coordination": coordinator.mode,
         "notifications": coordinator.notifications,

@@ -11,7 +11,8 @@
 //! - [`bi`]: the Cube protocol and its HTTP client.
 //! - [`catalog`]: the BI's cubes and members, for validation and discovery.
 //! - [`sim`]: the simulated BI, shared by `bi-sim` and the embedded mode.
-//! - [`http`]: routes and middleware. [`telemetry`]: logs and metrics.
+//! - [`http`]: routes and middleware. [`readiness`]: what `/readyz` says.
+//! - [`telemetry`]: logs, traces, and the table of metrics.
 //!
 //! `ARCHITECTURE.md` has the bird's-eye view and the invariants.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod graphql;
 pub mod http;
 pub mod query;
+pub mod readiness;
 pub mod sim;
 pub mod telemetry;
 
@@ -112,6 +114,11 @@ pub async fn run(
         continue_wait_delay: config.bi_client.continue_wait_delay,
     })?;
 
+    let readiness = Arc::new(readiness::Readiness::default());
+    tasks.0.push(tokio::spawn(
+        Arc::clone(&readiness).probe_bi_forever(bi.clone()),
+    ));
+
     let coordinator: Arc<dyn Coordinator> = match &config.coordination {
         Coordination::InProcess => Arc::new(LocalCoordinator::new(
             config.cache.memory_max_bytes,
@@ -197,18 +204,35 @@ pub async fn run(
         authenticator,
         limits: config.graphql.clone(),
         aggregator,
-        bi,
         metrics,
         request_timeout: config.request_timeout,
         instance_id: config.instance_id.as_str().into(),
         documents: http::DocumentCache::default(),
         operations: http::OperationNames::default(),
+        readiness: Arc::clone(&readiness),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 
     if let Ok(address) = listener.local_addr() {
         tracing::info!(instance = %config.instance_id, "analytics-gateway listening on http://{address}/graphql");
     }
+    // Shutdown first makes `/readyz` answer 503, then (for
+    // SHUTDOWN_DRAIN_SECS) keeps serving so that load balancers notice, then
+    // stops accepting and finishes the requests in flight.
+    let drain = config.shutdown_drain;
+    let draining = Arc::clone(&readiness);
+    let shutdown = async move {
+        shutdown.await;
+        draining.draining();
+        if !drain.is_zero() {
+            tracing::info!(
+                drain_secs = drain.as_secs(),
+                "draining: /readyz answers 503 while requests are still served"
+            );
+            tokio::time::sleep(drain).await;
+        }
+    };
+    readiness.serving();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::common::{TestEnv, TestOptions, expected_rows, metric, panel, wait_until, within};
 
-/// `/healthz` answers 200, and `/readyz` 200 with the BI reported up.
+/// `/healthz` answers 200, and `/readyz` 200 with the BI reported up (once
+/// its first background probe is in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_and_readiness() {
     let env = TestEnv::start(TestOptions::default()).await;
@@ -16,10 +17,17 @@ async fn health_and_readiness() {
     let health = env.gateway().get("/healthz").await;
     assert_eq!(health.status().as_u16(), 200);
 
-    let ready = env.gateway().get("/readyz").await;
-    assert_eq!(ready.status().as_u16(), 200);
-    let body: Value = ready.json().await.expect("/readyz answers JSON");
-    assert_eq!(body["bi"], "up", "{body}");
+    wait_until(
+        Duration::from_secs(20),
+        "the BI probe to say up",
+        || async {
+            let (status, body) = env.gateway().readyz().await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["status"], "ready", "{body}");
+            body["bi"] == "up"
+        },
+    )
+    .await;
 }
 
 /// `/metrics` is Prometheus text that accounts for a stampede exactly: one

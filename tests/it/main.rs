@@ -13,6 +13,7 @@ mod http;
 mod introspection;
 mod metrics_docs;
 mod metrics_format;
+mod readiness;
 mod redis_faults;
 mod redis_stampede;
 mod schema;
