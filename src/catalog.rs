@@ -16,25 +16,33 @@ use crate::query::{InputError, Member};
 pub struct Catalog {
     meta: MetaResponse,
     measures: BTreeSet<String>,
+    /// Dimensions that may be grouped by in `dimensions`.
     dimensions: BTreeSet<String>,
+    /// Dimensions of type `time`, and the configured `BI_TIME_DIMENSION`:
+    /// they are bucketed with `granularity`, not grouped by in `dimensions`.
+    time_dimensions: BTreeSet<String>,
 }
 
 impl Catalog {
-    pub fn new(meta: MetaResponse) -> Catalog {
+    /// `time_dimension` is `BI_TIME_DIMENSION`: a time dimension even when the
+    /// BI's `/meta` gives it no type.
+    pub fn new(meta: MetaResponse, time_dimension: &str) -> Catalog {
         let measures = meta
             .cubes
             .iter()
             .flat_map(|cube| cube.measures.iter().map(|m| m.name.clone()))
             .collect();
-        let dimensions = meta
+        let (time_dimensions, dimensions) = meta
             .cubes
             .iter()
-            .flat_map(|cube| cube.dimensions.iter().map(|d| d.name.clone()))
-            .collect();
+            .flat_map(|cube| cube.dimensions.iter())
+            .map(|d| d.name.clone())
+            .partition(|name| is_time(&meta, name, time_dimension));
         Catalog {
             meta,
             measures,
             dimensions,
+            time_dimensions,
         }
     }
 
@@ -42,13 +50,32 @@ impl Catalog {
         &self.meta
     }
 
+    /// Whether `name` is a time dimension (listed in `timeDimensions`).
+    pub fn is_time_dimension(&self, name: &str) -> bool {
+        self.time_dimensions.contains(name)
+    }
+
     pub fn check_measure(&self, member: &Member) -> Result<(), InputError> {
         check(member, "measures", "measure", &self.measures)
     }
 
     pub fn check_dimension(&self, member: &Member) -> Result<(), InputError> {
+        if self.is_time_dimension(member.as_str()) {
+            return Err(InputError::TimeDimension {
+                value: member.as_str().to_owned(),
+            });
+        }
         check(member, "dimensions", "dimension", &self.dimensions)
     }
+}
+
+fn is_time(meta: &MetaResponse, name: &str, time_dimension: &str) -> bool {
+    name == time_dimension
+        || meta
+            .cubes
+            .iter()
+            .flat_map(|cube| cube.dimensions.iter())
+            .any(|d| d.name == name && d.kind.as_deref() == Some("time"))
 }
 
 fn check(
@@ -82,12 +109,21 @@ fn check(
 }
 
 /// The current catalog, shared by all requests and refreshed by one task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct CatalogStore {
     current: RwLock<Option<Arc<Catalog>>>,
+    /// `BI_TIME_DIMENSION`.
+    time_dimension: String,
 }
 
 impl CatalogStore {
+    pub fn new(time_dimension: &str) -> CatalogStore {
+        CatalogStore {
+            current: RwLock::new(None),
+            time_dimension: time_dimension.to_owned(),
+        }
+    }
+
     pub fn get(&self) -> Option<Arc<Catalog>> {
         self.current.read().ok().and_then(|guard| guard.clone())
     }
@@ -97,11 +133,11 @@ impl CatalogStore {
         if let Some(catalog) = self.get() {
             return Ok(catalog);
         }
-        Ok(self.set(Catalog::new(bi.meta().await?)))
+        Ok(self.set(bi.meta().await?))
     }
 
-    fn set(&self, catalog: Catalog) -> Arc<Catalog> {
-        let catalog = Arc::new(catalog);
+    fn set(&self, meta: MetaResponse) -> Arc<Catalog> {
+        let catalog = Arc::new(Catalog::new(meta, &self.time_dimension));
         if let Ok(mut guard) = self.current.write() {
             *guard = Some(Arc::clone(&catalog));
         }
@@ -114,7 +150,7 @@ impl CatalogStore {
         loop {
             let pause = match bi.meta().await {
                 Ok(meta) => {
-                    self.set(Catalog::new(meta));
+                    self.set(meta);
                     every
                 }
                 Err(err) => {
@@ -141,14 +177,17 @@ mod tests {
 
     #[test]
     fn known_members_pass_and_unknown_ones_name_the_alternatives() {
-        let catalog = Catalog::new(MetaResponse {
-            cubes: vec![MetaCube {
-                name: "Sales".into(),
-                title: None,
-                measures: vec![member("Sales.revenue")],
-                dimensions: vec![member("Sales.region")],
-            }],
-        });
+        let catalog = Catalog::new(
+            MetaResponse {
+                cubes: vec![MetaCube {
+                    name: "Sales".into(),
+                    title: None,
+                    measures: vec![member("Sales.revenue")],
+                    dimensions: vec![member("Sales.region")],
+                }],
+            },
+            "Sales.date",
+        );
         let parse = |s| Member::parse(s).expect("well-formed");
         assert!(catalog.check_measure(&parse("Sales.revenue")).is_ok());
         assert!(catalog.check_dimension(&parse("Sales.region")).is_ok());
@@ -160,5 +199,39 @@ mod tests {
             "{err}"
         );
         assert!(catalog.check_dimension(&parse("Other.x")).is_err());
+    }
+
+    #[test]
+    fn time_dimensions_are_refused_in_dimensions_with_a_pointer_to_granularity() {
+        let time = |name: &str| MetaMember {
+            kind: Some("time".into()),
+            ..member(name)
+        };
+        // `Sales.date` is BI_TIME_DIMENSION even where `/meta` gives no type.
+        let catalog = Catalog::new(
+            MetaResponse {
+                cubes: vec![MetaCube {
+                    name: "Sales".into(),
+                    title: None,
+                    measures: vec![member("Sales.revenue")],
+                    dimensions: vec![
+                        member("Sales.region"),
+                        member("Sales.date"),
+                        time("Sales.shippedAt"),
+                    ],
+                }],
+            },
+            "Sales.date",
+        );
+        let parse = |s| Member::parse(s).expect("well-formed");
+        assert!(catalog.check_dimension(&parse("Sales.region")).is_ok());
+        for name in ["Sales.date", "Sales.shippedAt"] {
+            assert!(catalog.is_time_dimension(name));
+            let err = catalog
+                .check_dimension(&parse(name))
+                .expect_err("a time dimension");
+            assert!(err.to_string().contains("granularity"), "{err}");
+        }
+        assert!(!catalog.is_time_dimension("Sales.region"));
     }
 }

@@ -206,6 +206,12 @@ pub struct Cli {
     #[arg(long, env = "CATALOG_REFRESH_SECS", default_value_t = 300)]
     pub catalog_refresh_secs: u64,
 
+    /// After SIGTERM or Ctrl-C, how long `/readyz` answers 503 while
+    /// everything else is still served, so that load balancers stop sending
+    /// before the listener closes; 0 closes it at once.
+    #[arg(long, env = "SHUTDOWN_DRAIN_SECS", default_value_t = 0)]
+    pub shutdown_drain_secs: u64,
+
     /// Name of this instance in cache entries, logs and traces; defaults to a random id.
     #[arg(long, env = "INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -283,6 +289,8 @@ pub struct Config {
     pub auth: Option<AuthSettings>,
     pub request_timeout: Duration,
     pub catalog_refresh: Duration,
+    /// `SHUTDOWN_DRAIN_SECS`.
+    pub shutdown_drain: Duration,
     pub instance_id: String,
     pub telemetry: TelemetrySettings,
     /// Added to the wall clock (tests only; see `Cli::clock_offset_ms`).
@@ -296,6 +304,30 @@ pub enum BiTarget {
     Embedded { latency: Duration },
     /// A Cube-compatible REST API; the URL has no trailing slash.
     Remote { base_url: String },
+}
+
+impl BiTarget {
+    /// What the start-up log should warn about. A Cube REST API's base URL
+    /// ends in `/v1` (`https://cube.example.com/cubejs-api/v1`): the gateway
+    /// appends `/load` and `/meta` to `BI_URL` as given, so a URL without it
+    /// most likely reaches nothing. This warns rather than refuses: a reverse
+    /// proxy in front of Cube may rewrite paths, and a working set-up must not
+    /// be refused for its spelling.
+    pub fn warning(&self) -> Option<String> {
+        let BiTarget::Remote { base_url } = self else {
+            return None;
+        };
+        let path = reqwest::Url::parse(base_url)
+            .map(|url| url.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        (!path.ends_with("/v1")).then(|| {
+            format!(
+                "BI_URL `{base_url}` does not end in /v1: Cube's REST API is at a URL like \
+                 https://cube.example.com/cubejs-api/v1, and the gateway will ask \
+                 `{base_url}/load`; fix BI_URL unless a proxy rewrites the path"
+            )
+        })
+    }
 }
 
 /// How the BI client behaves, whatever the target.
@@ -335,6 +367,9 @@ pub struct QueryLimits {
     pub max_measures: usize,
     pub max_dimensions: usize,
     pub max_customer_len: usize,
+    /// `BI_TIME_DIMENSION`, refused in `dimensions` even before the BI's
+    /// catalog is known: its buckets come from `granularity`.
+    pub time_dimension: String,
 }
 
 /// What turns a validated query into a BI query; all of it is part of the cache key.
@@ -589,6 +624,7 @@ impl Config {
                 max_measures: cli.max_measures,
                 max_dimensions: cli.max_dimensions,
                 max_customer_len: cli.max_customer_len,
+                time_dimension: cli.bi_time_dimension.clone(),
             },
             planner: PlannerSettings {
                 customer_member: cli.bi_customer_member,
@@ -622,6 +658,7 @@ impl Config {
             auth,
             request_timeout: Duration::from_secs(cli.request_timeout_secs),
             catalog_refresh: Duration::from_secs(cli.catalog_refresh_secs),
+            shutdown_drain: Duration::from_secs(cli.shutdown_drain_secs),
             instance_id: cli
                 .instance_id
                 .filter(|id| !id.trim().is_empty())
@@ -739,6 +776,22 @@ mod tests {
             let err = parse(args).expect_err("must be rejected");
             assert_eq!(err.variable, *variable, "{args:?}");
         }
+    }
+
+    #[test]
+    fn a_bi_url_without_v1_is_warned_about() {
+        let warning = |url: &str| {
+            parse(&["--bi-url", url])
+                .expect("a valid BI_URL")
+                .bi
+                .warning()
+        };
+        assert_eq!(warning("http://cube:4000/cubejs-api/v1"), None);
+        assert_eq!(warning("http://cube:4000/cubejs-api/v1/"), None);
+        let warned = warning("http://cube:4000/cubejs-api").expect("a warning");
+        assert!(warned.contains("/v1"), "{warned}");
+        assert!(warning("http://cube:4000").is_some());
+        assert_eq!(Config::embedded_defaults().bi.warning(), None);
     }
 
     #[test]

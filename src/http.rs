@@ -22,13 +22,15 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::aggregate::Aggregator;
 use crate::auth::{Authenticator, Identity};
-use crate::bi::BiClient;
 use crate::coalesce::{Counters, StoreHealth};
 use crate::config::GraphqlLimits;
-use crate::graphql::limits::{DocumentLimits, LimitError, check_document, check_tokens};
+use crate::graphql::limits::{
+    DocumentLimits, DocumentSummary, LimitError, check_document, check_tokens,
+};
 use crate::graphql::{
     AggregateLoader, DegradedMarker, ErrorCode, GatewaySchema, classify_request_errors,
 };
+use crate::readiness::{Phase, Readiness};
 use crate::telemetry::{self, names};
 use tracing::Instrument;
 
@@ -46,12 +48,13 @@ pub struct AppState {
     pub counters: Arc<dyn Counters>,
     /// How the shared store is doing, for `/readyz`.
     pub store_health: Arc<dyn StoreHealth>,
-    pub bi: BiClient,
     pub metrics: PrometheusHandle,
     pub request_timeout: Duration,
     pub instance_id: Arc<str>,
     pub documents: DocumentCache,
     pub operations: OperationNames,
+    /// The process's phase and the BI's last probe, for `/readyz`.
+    pub readiness: Arc<Readiness>,
 }
 
 impl AppState {
@@ -156,10 +159,20 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
 const MAX_BATCH_OPERATIONS: usize = 10;
 
 async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Some(refused) = csrf_check(&state, &headers) {
+    let media = ResponseMedia::negotiate(&headers);
+    media.label(post_answer(&state, &headers, media, body).await)
+}
+
+async fn post_answer(
+    state: &AppState,
+    headers: &HeaderMap,
+    media: ResponseMedia,
+    body: Bytes,
+) -> Response {
+    if let Some(refused) = csrf_check(state, headers) {
         return refused;
     }
-    let identity = state.identify(&headers);
+    let identity = state.identify(headers);
     if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
         if !state.limits.allow_batched_requests {
             return request_error(
@@ -178,16 +191,18 @@ async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: B
         let responses = futures_util::future::join_all(
             requests
                 .into_iter()
-                .map(|request| execute(&state, &headers, identity.clone(), request)),
+                .map(|request| execute(state, headers, identity.clone(), request)),
         )
         .await;
+        // Batches are not part of GraphQL over HTTP: each answer as with
+        // application/json, the whole with status 200.
         let degraded = responses.iter().any(is_degraded);
         return with_degraded_flag(degraded, Json(responses).into_response());
     }
     match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => {
-            let response = execute(&state, &headers, identity, request).await;
-            with_degraded_flag(is_degraded(&response), Json(response).into_response())
+            let response = execute(state, headers, identity, request).await;
+            with_degraded_flag(is_degraded(&response), media.answer(response))
         }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
@@ -252,13 +267,105 @@ async fn graphql_get(
         )
         .into_response();
     }
-    match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
-        Ok(request) => {
-            let identity = state.identify(&headers);
-            let response = execute(&state, &headers, identity, request).await;
-            with_degraded_flag(is_degraded(&response), Json(response).into_response())
+    let media = ResponseMedia::negotiate(&headers);
+    media.label(
+        match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
+            Ok(request) => {
+                let identity = state.identify(&headers);
+                let response = execute(&state, &headers, identity, request).await;
+                with_degraded_flag(is_degraded(&response), media.answer(response))
+            }
+            Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
+        },
+    )
+}
+
+/// The media type of a GraphQL answer, chosen from the request's `Accept`
+/// as GraphQL over HTTP says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseMedia {
+    /// `application/json`: every GraphQL answer is 200, request errors
+    /// included (with `data: null`). Also for `*/*` and no `Accept` at all.
+    Json,
+    /// `application/graphql-response+json`: a request that fails before
+    /// execution (it does not parse or validate, its variables do not
+    /// coerce, a limit or a missing credential refuses it) is 400 without a
+    /// `data` entry; an executed one is 200.
+    GraphqlResponse,
+}
+
+impl ResponseMedia {
+    pub const GRAPHQL_RESPONSE_JSON: &'static str = "application/graphql-response+json";
+
+    /// The acceptable media type with the highest `q`; on a tie, the one the
+    /// client listed first. Neither acceptable (or no `Accept`): JSON.
+    pub fn negotiate(headers: &HeaderMap) -> ResponseMedia {
+        let mut best: Option<(f32, ResponseMedia)> = None;
+        let ranges = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','));
+        for range in ranges {
+            let mut parts = range.split(';');
+            let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|param| param.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, value)| value.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let media = match essence.as_str() {
+                Self::GRAPHQL_RESPONSE_JSON => ResponseMedia::GraphqlResponse,
+                "application/json" | "application/*" | "*/*" => ResponseMedia::Json,
+                _ => continue,
+            };
+            if q > 0.0 && best.is_none_or(|(best_q, _)| q > best_q) {
+                best = Some((q, media));
+            }
         }
-        Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
+        best.map_or(ResponseMedia::Json, |(_, media)| media)
+    }
+
+    /// One GraphQL answer in this media type.
+    fn answer(self, response: async_graphql::Response) -> Response {
+        match self {
+            ResponseMedia::Json => Json(response).into_response(),
+            ResponseMedia::GraphqlResponse => {
+                // Execution gives every field error a path; errors with none
+                // and no data mean the request never reached execution.
+                let request_error = response.data == async_graphql::Value::Null
+                    && !response.errors.is_empty()
+                    && response.errors.iter().all(|error| error.path.is_empty());
+                let mut body = serde_json::to_value(&response).unwrap_or_default();
+                let status = if request_error {
+                    if let Some(body) = body.as_object_mut() {
+                        body.remove("data");
+                    }
+                    StatusCode::BAD_REQUEST
+                } else {
+                    StatusCode::OK
+                };
+                (status, Json(body)).into_response()
+            }
+        }
+    }
+
+    /// Labels a JSON answer (GraphQL, or a 400 for a body that is not
+    /// GraphQL) with this media type; `application/json` ones stay as they are.
+    fn label(self, mut response: Response) -> Response {
+        let is_json = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+        if self == ResponseMedia::GraphqlResponse && is_json {
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/graphql-response+json; charset=utf-8",
+                ),
+            );
+        }
+        response
     }
 }
 
@@ -269,7 +376,20 @@ async fn execute(
     mut request: async_graphql::Request,
 ) -> async_graphql::Response {
     let started = std::time::Instant::now();
-    let operation = state.operations.label(request.operation_name.as_deref());
+    // The limits parse the document first, and the document names the
+    // operation when the body does not (`query Panel { ... }` is `Panel`).
+    let checked = check_limits(state, &mut request)
+        .and_then(|summary| refuse_introspection(&identity, summary));
+    let document_name = checked
+        .as_ref()
+        .ok()
+        .and_then(|summary| summary.operation_name.clone());
+    let operation = state.operations.label(
+        request
+            .operation_name
+            .as_deref()
+            .or(document_name.as_deref()),
+    );
     let span = if telemetry::exporting() {
         tracing::info_span!(
             "graphql.request",
@@ -289,9 +409,9 @@ async fn execute(
     }
 
     let degraded = DegradedMarker::default();
-    let mut response = match check_limits(state, &mut request) {
+    let mut response = match checked {
         Err(refused) => async_graphql::Response::from_errors(vec![refused]),
-        Ok(()) => {
+        Ok(_) => {
             let deadline = Instant::now() + state.request_timeout;
             let loader = DataLoader::new(
                 AggregateLoader::new(
@@ -303,8 +423,9 @@ async fn execute(
                 ),
                 tokio::spawn,
             );
-            // Unauthenticated callers learn nothing of the schema: no
-            // introspection, no "did you mean" suggestions.
+            // Unauthenticated callers learn nothing of the schema: their
+            // introspection was refused above (this is a second lock), and
+            // errors carry no "did you mean" suggestions.
             let schema = if identity.is_authenticated() {
                 &state.schema
             } else {
@@ -336,34 +457,57 @@ fn is_degraded(response: &async_graphql::Response) -> bool {
 }
 
 /// The cost limits async-graphql does not check: tokens before parsing, then
-/// `aggregate` fields and aliases in the parsed (cached) document.
+/// `aggregate` fields, aliases, fields and depth in the parsed (cached)
+/// document. A document that does not parse passes, for execution to report.
 fn check_limits(
     state: &AppState,
     request: &mut async_graphql::Request,
-) -> Result<(), async_graphql::ServerError> {
-    let refuse = |err: LimitError| {
-        let mut error = async_graphql::ServerError::new(err.to_string(), None);
-        error
-            .extensions
-            .get_or_insert_with(Default::default)
-            .set("code", ErrorCode::QueryTooComplex.as_str());
-        error
-    };
+) -> Result<DocumentSummary, async_graphql::ServerError> {
+    let refuse = |err: LimitError| coded_error(err.to_string(), ErrorCode::QueryTooComplex);
     check_tokens(&request.query, state.limits.max_tokens).map_err(refuse)?;
     state.documents.prepare(request);
-    if let Ok(document) = request.parsed_query() {
-        check_document(
+    match request.parsed_query() {
+        Ok(document) => check_document(
             document,
             DocumentLimits {
                 max_aggregates: state.limits.max_aggregates,
                 max_aliases: state.limits.max_aliases,
                 // Each field counts 1 in async-graphql's complexity too.
                 max_fields: state.limits.max_complexity,
+                max_depth: state.limits.max_depth,
             },
         )
-        .map_err(refuse)?;
+        .map_err(refuse),
+        Err(_) => Ok(DocumentSummary::default()),
     }
-    Ok(())
+}
+
+/// With authentication on, introspection needs a credential. Refused with
+/// `UNAUTHENTICATED` rather than answered `null`, so that a GraphiQL user
+/// learns why the docs are empty and what to send.
+fn refuse_introspection(
+    identity: &Identity,
+    summary: DocumentSummary,
+) -> Result<DocumentSummary, async_graphql::ServerError> {
+    match identity {
+        Identity::Unauthenticated(why) if summary.introspects => Err(coded_error(
+            format!(
+                "introspection needs a credential: {why} (in GraphiQL, put \
+                 {{\"Authorization\": \"Bearer <JWT>\"}} in the Headers tab)"
+            ),
+            ErrorCode::Unauthenticated,
+        )),
+        _ => Ok(summary),
+    }
+}
+
+fn coded_error(message: String, code: ErrorCode) -> async_graphql::ServerError {
+    let mut error = async_graphql::ServerError::new(message, None);
+    error
+        .extensions
+        .get_or_insert_with(Default::default)
+        .set("code", code.as_str());
+    error
 }
 
 /// While Redis is down, answers come from in-process coalescing and direct
@@ -547,19 +691,21 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// 200 while the BI answers; the body says how each dependency is doing.
+/// 200 while the process can serve anything (cached answers need neither
+/// the BI nor Redis), 503 while it starts and once shutdown has begun; the
+/// body says how each dependency is doing.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let bi_up = state.bi.is_reachable(Duration::from_secs(2)).await;
+    let phase = state.readiness.phase();
     let coordinator = state.store_health.describe();
-    let status = if bi_up {
+    let status = if phase == Phase::Serving {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = json!({
-        "status": if bi_up { "ready" } else { "not_ready" },
+        "status": phase.as_str(),
         "instance": &*state.instance_id,
-        "bi": if bi_up { "up" } else { "down" },
+        "bi": state.readiness.bi().as_str(),
         "redis": coordinator.redis,
         "coordination": coordinator.mode,
         "notifications": coordinator.notifications,
@@ -657,5 +803,44 @@ mod tests {
             Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
         ]);
         assert_eq!(linger(body, BOUNDS).await, Lingered::Broken);
+    }
+
+    #[test]
+    fn accept_chooses_by_q_then_by_order() {
+        let media = |accept: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            if let Some(accept) = accept {
+                headers.insert(header::ACCEPT, accept.parse().expect("a header value"));
+            }
+            ResponseMedia::negotiate(&headers)
+        };
+        use ResponseMedia::{GraphqlResponse, Json};
+        let cases = [
+            (None, Json),
+            (Some("*/*"), Json),
+            (Some("text/html"), Json),
+            (Some("application/json"), Json),
+            (Some("application/graphql-response+json"), GraphqlResponse),
+            (
+                Some("Application/GraphQL-Response+JSON; charset=utf-8"),
+                GraphqlResponse,
+            ),
+            (
+                Some("application/graphql-response+json, application/json;q=0.9"),
+                GraphqlResponse,
+            ),
+            (
+                Some("application/json, application/graphql-response+json"),
+                Json,
+            ),
+            (Some("application/graphql-response+json;q=0.5, */*"), Json),
+            (
+                Some("application/graphql-response+json;q=0, application/json;q=0.1"),
+                Json,
+            ),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(media(accept), expected, "{accept:?}");
+        }
     }
 }

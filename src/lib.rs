@@ -11,7 +11,8 @@
 //! - [`bi`]: the Cube protocol and its HTTP client.
 //! - [`catalog`]: the BI's cubes and members, for validation and discovery.
 //! - [`sim`]: the simulated BI, shared by `bi-sim` and the embedded mode.
-//! - [`http`]: routes and middleware. [`telemetry`]: logs and metrics.
+//! - [`http`]: routes and middleware. [`readiness`]: what `/readyz` says.
+//! - [`telemetry`]: logs, traces, and the table of metrics.
 //!
 //! `ARCHITECTURE.md` has the bird's-eye view and the invariants.
 
@@ -25,6 +26,7 @@ pub mod config;
 pub mod graphql;
 pub mod http;
 pub mod query;
+pub mod readiness;
 pub mod sim;
 pub mod telemetry;
 
@@ -76,6 +78,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    // The recorder first: whatever is recorded before it is installed is lost.
+    let metrics = telemetry::metrics_handle();
     let mut tasks = TaskGuard(Vec::new());
     if config.clock_offset_ms != 0 {
         cache::set_clock_offset(
@@ -88,6 +92,9 @@ pub async fn run(
         );
     }
 
+    if let Some(warning) = config.bi.warning() {
+        tracing::warn!("{warning}");
+    }
     let base_url = match &config.bi {
         BiTarget::Remote { base_url } => base_url.clone(),
         BiTarget::Embedded { latency } => {
@@ -116,6 +123,11 @@ pub async fn run(
         pool_idle_timeout: config.bi_client.pool_idle_timeout,
         continue_wait_delay: config.bi_client.continue_wait_delay,
     })?;
+
+    let readiness = Arc::new(readiness::Readiness::default());
+    tasks.0.push(tokio::spawn(
+        Arc::clone(&readiness).probe_bi_forever(bi.clone()),
+    ));
 
     let backend = match &config.coordination {
         Coordination::InProcess => Backend::of(LocalCoordinator::new(
@@ -153,7 +165,7 @@ pub async fn run(
         },
     );
 
-    let catalog = Arc::new(CatalogStore::default());
+    let catalog = Arc::new(CatalogStore::new(&config.planner.time_dimension));
     tasks.0.push(tokio::spawn(
         Arc::clone(&catalog).refresh_forever(bi.clone(), config.catalog_refresh),
     ));
@@ -206,18 +218,35 @@ pub async fn run(
         aggregator,
         counters: backend.counters,
         store_health: backend.health,
-        bi,
-        metrics: telemetry::metrics_handle(),
+        metrics,
         request_timeout: config.request_timeout,
         instance_id: config.instance_id.as_str().into(),
         documents: http::DocumentCache::default(),
         operations: http::OperationNames::default(),
+        readiness: Arc::clone(&readiness),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 
     if let Ok(address) = listener.local_addr() {
         tracing::info!(instance = %config.instance_id, "analytics-gateway listening on http://{address}/graphql");
     }
+    // Shutdown first makes `/readyz` answer 503, then (for
+    // SHUTDOWN_DRAIN_SECS) keeps serving so that load balancers notice, then
+    // stops accepting and finishes the requests in flight.
+    let drain = config.shutdown_drain;
+    let draining = Arc::clone(&readiness);
+    let shutdown = async move {
+        shutdown.await;
+        draining.draining();
+        if !drain.is_zero() {
+            tracing::info!(
+                drain_secs = drain.as_secs(),
+                "draining: /readyz answers 503 while requests are still served"
+            );
+            tokio::time::sleep(drain).await;
+        }
+    };
+    readiness.serving();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

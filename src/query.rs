@@ -47,6 +47,11 @@ pub enum InputError {
         kind: &'static str,
         hint: String,
     },
+    #[error(
+        "`{value}` is a time dimension, so it cannot be in `dimensions`: use `granularity` \
+         (DAY, WEEK, MONTH, QUARTER or YEAR) to group by time within `dateRange`"
+    )]
+    TimeDimension { value: String },
 }
 
 /// A `Cube.member` name: two identifiers joined by one dot.
@@ -173,6 +178,15 @@ impl AggregateQuery {
         }
         let measures = parse_members("measures", raw.measures, limits.max_measures)?;
         let dimensions = parse_members("dimensions", raw.dimensions, limits.max_dimensions)?;
+        // Known before the catalog is: the BI would refuse it after a paid call.
+        if let Some(time) = dimensions
+            .iter()
+            .find(|member| member.as_str() == limits.time_dimension)
+        {
+            return Err(InputError::TimeDimension {
+                value: time.as_str().to_owned(),
+            });
+        }
         if let Some(catalog) = catalog {
             for member in &measures {
                 catalog.check_measure(member)?;
@@ -380,6 +394,7 @@ mod tests {
             max_measures: 3,
             max_dimensions: 2,
             max_customer_len: 16,
+            time_dimension: "Sales.date".into(),
         }
     }
 
@@ -475,6 +490,10 @@ mod tests {
                     &["A.a", "A.b", "A.c"],
                 ),
                 "at most 2",
+            ),
+            (
+                parse("acme", "2025-01-01", "2025-01-02", &ok, &["Sales.date"]),
+                "use `granularity`",
             ),
         ];
         for (result, expected) in cases {

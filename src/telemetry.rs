@@ -25,43 +25,253 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
 use crate::config::{LogFormat, OtlpExport, OtlpProtocol, TelemetrySettings};
 
-/// Metric names, following Prometheus conventions (`_total` counters, base units).
+/// Metric names and the fixed values of their labels. Every gateway metric
+/// starts with [`names::PREFIX`], so that none collides with another
+/// exporter's (redis_exporter has a `redis_up` of its own). What each one
+/// means, its type and its labels are its row in [`METRICS`]: add a metric
+/// there and here, nowhere else.
 pub mod names {
-    /// HTTP requests sent to the BI, by `outcome` (ok, continue_wait, rate_limited, ...).
-    pub const BI_HTTP_REQUESTS: &str = "bi_http_requests_total";
-    /// Duration of one HTTP request to the BI, by `outcome`.
-    pub const BI_HTTP_DURATION: &str = "bi_http_request_duration_seconds";
-    /// Queries sent to the BI (a batch of 8 counts 8), by final `outcome` (ok, error).
-    pub const BI_QUERIES: &str = "bi_queries_total";
-    /// Answers given to `aggregate` fields, by cache `status` (hit, miss, coalesced, error).
-    pub const CACHE_LOOKUPS: &str = "cache_lookups_total";
-    /// Answers served from a remembered BI error.
-    pub const NEGATIVE_CACHE_HITS: &str = "cache_negative_hits_total";
-    /// Time a request waited for another request's flight in this process, by
-    /// `outcome` (answer, error, timeout).
-    pub const COALESCE_WAIT: &str = "coalesce_wait_duration_seconds";
-    /// HTTP requests served, by `route`, `method` and `status`.
-    pub const HTTP_DURATION: &str = "http_server_request_duration_seconds";
-    /// 1 while Redis answers, 0 while the gateway runs degraded.
-    pub const REDIS_UP: &str = "redis_up";
-    /// Lock attempts by `result` (won, lost).
-    pub const LOCK_ATTEMPTS: &str = "redis_lock_attempts_total";
-    /// Leaders that found their lock taken before they could store their answer.
-    pub const LOCKS_LOST: &str = "redis_locks_lost_total";
-    /// Waiters that became leader after the previous leader went away.
-    pub const TAKEOVERS: &str = "redis_lock_takeovers_total";
-    /// One bounded wait of a waiter for another instance's answer.
-    pub const REDIS_WAIT: &str = "redis_wait_duration_seconds";
-    /// Pub/sub channels this instance is subscribed to.
-    pub const PUBSUB_CHANNELS: &str = "redis_pubsub_channels";
-    /// Redis commands that failed or timed out (each is retried while Redis
-    /// is up, within the request's deadline).
-    pub const REDIS_COMMAND_FAILURES: &str = "redis_command_failures_total";
-    /// Time from a producer getting its rows to a waiting request having
-    /// them, by `via` (redis: another instance's call; process: this one's).
-    pub const WAKE_LATENCY: &str = "coalesce_wake_duration_seconds";
-    /// GraphQL operations executed, by `operation` name.
-    pub const GRAPHQL_DURATION: &str = "graphql_request_duration_seconds";
+    pub const PREFIX: &str = "analytics_gateway_";
+
+    pub const BI_HTTP_REQUESTS: &str = "analytics_gateway_bi_http_requests_total";
+    pub const BI_HTTP_DURATION: &str = "analytics_gateway_bi_http_request_duration_seconds";
+    pub const BI_QUERIES: &str = "analytics_gateway_bi_queries_total";
+    pub const BI_UP: &str = "analytics_gateway_bi_up";
+    pub const CACHE_LOOKUPS: &str = "analytics_gateway_cache_lookups_total";
+    pub const NEGATIVE_CACHE_HITS: &str = "analytics_gateway_cache_negative_hits_total";
+    pub const COALESCE_WAIT: &str = "analytics_gateway_coalesce_wait_duration_seconds";
+    pub const HTTP_DURATION: &str = "analytics_gateway_http_server_request_duration_seconds";
+    pub const GRAPHQL_DURATION: &str = "analytics_gateway_graphql_request_duration_seconds";
+    pub const REDIS_UP: &str = "analytics_gateway_redis_up";
+    pub const LOCK_ATTEMPTS: &str = "analytics_gateway_redis_lock_attempts_total";
+    pub const LOCKS_LOST: &str = "analytics_gateway_redis_locks_lost_total";
+    pub const TAKEOVERS: &str = "analytics_gateway_redis_lock_takeovers_total";
+    pub const REDIS_WAIT: &str = "analytics_gateway_redis_wait_duration_seconds";
+    pub const PUBSUB_CHANNELS: &str = "analytics_gateway_redis_pubsub_channels";
+    pub const REDIS_COMMAND_FAILURES: &str = "analytics_gateway_redis_command_failures_total";
+    pub const WAKE_LATENCY: &str = "analytics_gateway_coalesce_wake_duration_seconds";
+
+    /// `outcome` of one HTTP request to the BI: `ok`, or why it was not
+    /// (`continue_wait` is Cube's "still computing"; the rest are `BiError` kinds).
+    pub const BI_HTTP_OUTCOMES: &[&str] = &[
+        "ok",
+        "continue_wait",
+        "rate_limited",
+        "unreachable",
+        "timeout",
+        "rejected",
+        "server_error",
+        "unavailable",
+        "bad_response",
+    ];
+    /// `outcome` of a query sent to the BI, once its retries are over.
+    pub const BI_QUERY_OUTCOMES: &[&str] = &["ok", "error"];
+    /// `status` of one `aggregate` answer: the three `cache.status` values,
+    /// and `error` for a field answered with an error (a BI failure, a
+    /// remembered one, a timeout, a spent quota).
+    pub const CACHE_STATUSES: &[&str] = &["hit", "miss", "coalesced", "error"];
+    /// `outcome` of a wait for another request's flight in this process.
+    pub const WAIT_OUTCOMES: &[&str] = &["answer", "error", "timeout"];
+    /// `result` of one attempt at a key's Redis lock.
+    pub const LOCK_RESULTS: &[&str] = &["won", "lost"];
+    /// `via` of a waiter's wake-up: another instance's BI call seen through
+    /// Redis, or this process's own.
+    pub const WAKE_VIA: &[&str] = &["redis", "process"];
+}
+
+/// How Prometheus reads a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    /// Always in seconds.
+    Histogram,
+}
+
+impl MetricKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One row of the metrics table.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricInfo {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    /// The `# HELP` text, also the README's description.
+    pub help: &'static str,
+    /// Labels whose values are known in advance: their only values. Counters
+    /// start at 0 for each combination, so that `rate()` sees their first increase.
+    pub labels: &'static [(&'static str, &'static [&'static str])],
+    /// Labels whose values come from traffic (routes, operation names, ...).
+    pub open_labels: &'static [&'static str],
+}
+
+const fn metric(name: &'static str, kind: MetricKind, help: &'static str) -> MetricInfo {
+    MetricInfo {
+        name,
+        kind,
+        help,
+        labels: &[],
+        open_labels: &[],
+    }
+}
+
+impl MetricInfo {
+    const fn labels(mut self, labels: &'static [(&'static str, &'static [&'static str])]) -> Self {
+        self.labels = labels;
+        self
+    }
+
+    const fn open_labels(mut self, labels: &'static [&'static str]) -> Self {
+        self.open_labels = labels;
+        self
+    }
+
+    /// Every combination of the fixed label values (one empty set when there are none).
+    pub fn label_sets(&self) -> Vec<Vec<(&'static str, &'static str)>> {
+        let mut sets = vec![Vec::new()];
+        for (label, values) in self.labels {
+            sets = sets
+                .into_iter()
+                .flat_map(|set| {
+                    values.iter().map(move |value| {
+                        let mut set = set.clone();
+                        set.push((*label, *value));
+                        set
+                    })
+                })
+                .collect();
+        }
+        sets
+    }
+}
+
+/// Every metric the gateway exports: the one place for its name, type, help
+/// text and labels. `/metrics` describes them from here, counters are
+/// created at 0 from here, and the README's metrics table is generated from
+/// here ([`metrics_markdown`]).
+pub const METRICS: &[MetricInfo] = {
+    use MetricKind::{Counter, Gauge, Histogram};
+    use names::*;
+    &[
+        metric(
+            BI_HTTP_REQUESTS,
+            Counter,
+            "HTTP requests sent to the BI, by outcome",
+        )
+        .labels(&[("outcome", BI_HTTP_OUTCOMES)]),
+        metric(
+            BI_HTTP_DURATION,
+            Histogram,
+            "Duration of one HTTP request to the BI, by outcome",
+        )
+        .labels(&[("outcome", BI_HTTP_OUTCOMES)]),
+        metric(
+            BI_QUERIES,
+            Counter,
+            "Queries sent to the BI (a batch of 8 counts 8), by final outcome",
+        )
+        .labels(&[("outcome", BI_QUERY_OUTCOMES)]),
+        metric(
+            BI_UP,
+            Gauge,
+            "1 while the BI answers the gateway's periodic GET /meta, 0 while it does not",
+        ),
+        metric(
+            CACHE_LOOKUPS,
+            Counter,
+            "Answers given to aggregate fields, by cache status",
+        )
+        .labels(&[("status", CACHE_STATUSES)]),
+        metric(
+            NEGATIVE_CACHE_HITS,
+            Counter,
+            "Answers served from a remembered BI error",
+        ),
+        metric(
+            COALESCE_WAIT,
+            Histogram,
+            "Time a request waited for another request's BI call in this process, by outcome",
+        )
+        .labels(&[("outcome", WAIT_OUTCOMES)]),
+        metric(
+            HTTP_DURATION,
+            Histogram,
+            "HTTP requests served by the gateway",
+        )
+        .open_labels(&["route", "method", "status"]),
+        metric(
+            GRAPHQL_DURATION,
+            Histogram,
+            "GraphQL operations executed, by operation name (at most 200 names, then other)",
+        )
+        .open_labels(&["operation"]),
+        metric(
+            REDIS_UP,
+            Gauge,
+            "1 while Redis answers, 0 while the gateway runs degraded",
+        ),
+        metric(LOCK_ATTEMPTS, Counter, "Redis lock attempts, by result")
+            .labels(&[("result", LOCK_RESULTS)]),
+        metric(
+            LOCKS_LOST,
+            Counter,
+            "Leaders that found their lock taken before they could store their answer",
+        ),
+        metric(
+            TAKEOVERS,
+            Counter,
+            "Waiters that became leader after the previous leader went away",
+        ),
+        metric(
+            REDIS_WAIT,
+            Histogram,
+            "One bounded wait of a waiter for another instance's answer",
+        ),
+        metric(
+            PUBSUB_CHANNELS,
+            Gauge,
+            "Pub/sub channels this instance is subscribed to",
+        ),
+        metric(
+            REDIS_COMMAND_FAILURES,
+            Counter,
+            "Redis commands that failed or timed out (retried within the request's deadline while Redis is up)",
+        ),
+        metric(
+            WAKE_LATENCY,
+            Histogram,
+            "Time from a producer getting its rows to a waiting request having them, by how the waiter learned of them",
+        )
+        .labels(&[("via", WAKE_VIA)]),
+    ]
+};
+
+/// The README's metrics table, generated from [`METRICS`].
+pub fn metrics_markdown() -> String {
+    let mut out = String::from("| metric | type | labels | meaning |\n|---|---|---|---|\n");
+    for metric in METRICS {
+        let mut labels: Vec<String> = metric
+            .labels
+            .iter()
+            .map(|(label, values)| format!("`{label}`: {}", values.join(", ")))
+            .collect();
+        labels.extend(metric.open_labels.iter().map(|label| format!("`{label}`")));
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            metric.name,
+            metric.kind.as_str(),
+            labels.join("; "),
+            metric.help
+        ));
+    }
+    out
 }
 
 /// Buckets from 0.5 ms to 60 s: cache hits and multi-second BI calls on one scale.
@@ -260,61 +470,83 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// `# HELP` and `# TYPE` for every metric, and every counter at 0 for each
+/// of its fixed label sets: a counter that appears only at its first event
+/// gives `rate()` nothing to compare that event with.
 fn describe_metrics() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        names::BI_HTTP_REQUESTS,
-        "HTTP requests sent to the BI, by outcome"
-    );
-    describe_histogram!(
-        names::BI_HTTP_DURATION,
-        Unit::Seconds,
-        "Duration of one HTTP request to the BI"
-    );
-    describe_counter!(names::BI_QUERIES, "Queries sent to the BI, by outcome");
-    describe_counter!(names::CACHE_LOOKUPS, "Aggregate answers, by cache status");
-    describe_counter!(
-        names::NEGATIVE_CACHE_HITS,
-        "Answers served from a remembered BI error"
-    );
-    describe_histogram!(
-        names::COALESCE_WAIT,
-        Unit::Seconds,
-        "Time a request waited for another request's BI call"
-    );
-    describe_gauge!(names::REDIS_UP, "1 while Redis answers, 0 while degraded");
-    describe_counter!(names::LOCK_ATTEMPTS, "Redis lock attempts, by result");
-    describe_counter!(
-        names::LOCKS_LOST,
-        "Leaders that lost their lock before storing"
-    );
-    describe_counter!(
-        names::TAKEOVERS,
-        "Waiters that took over from a vanished leader"
-    );
-    describe_histogram!(
-        names::REDIS_WAIT,
-        Unit::Seconds,
-        "One bounded wait for another instance's answer"
-    );
-    describe_gauge!(names::PUBSUB_CHANNELS, "Pub/sub channels subscribed to");
-    describe_counter!(
-        names::REDIS_COMMAND_FAILURES,
-        "Redis commands that failed or timed out"
-    );
-    describe_histogram!(
-        names::WAKE_LATENCY,
-        Unit::Seconds,
-        "Time from a producer's rows to a waiting request's answer"
-    );
-    describe_histogram!(
-        names::HTTP_DURATION,
-        Unit::Seconds,
-        "HTTP requests served by the gateway"
-    );
-    describe_histogram!(
-        names::GRAPHQL_DURATION,
-        Unit::Seconds,
-        "GraphQL operations executed, by operation name"
-    );
+    for metric in METRICS {
+        match metric.kind {
+            MetricKind::Counter => {
+                metrics::describe_counter!(metric.name, metric.help);
+                for set in metric.label_sets() {
+                    let labels: Vec<metrics::Label> = set
+                        .iter()
+                        .map(|(label, value)| metrics::Label::new(*label, *value))
+                        .collect();
+                    metrics::counter!(metric.name, labels).increment(0);
+                }
+            }
+            MetricKind::Gauge => metrics::describe_gauge!(metric.name, metric.help),
+            MetricKind::Histogram => {
+                metrics::describe_histogram!(metric.name, metrics::Unit::Seconds, metric.help);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_prefixed_and_named_once() {
+        let mut seen = std::collections::HashSet::new();
+        for metric in METRICS {
+            assert!(metric.name.starts_with(names::PREFIX), "{}", metric.name);
+            assert!(
+                seen.insert(metric.name),
+                "{} is in the table twice",
+                metric.name
+            );
+            if metric.kind == MetricKind::Counter {
+                assert!(metric.name.ends_with("_total"), "{}", metric.name);
+            }
+        }
+    }
+
+    #[test]
+    fn label_sets_are_every_combination() {
+        const TWO: MetricInfo = metric("x_total", MetricKind::Counter, "x")
+            .labels(&[("a", &["1", "2"]), ("b", &["x", "y", "z"])]);
+        assert_eq!(TWO.label_sets().len(), 6);
+        assert_eq!(
+            metric("y_total", MetricKind::Counter, "y").label_sets(),
+            vec![vec![]]
+        );
+    }
+
+    /// Every kind of BI error is a documented `outcome` of a BI request.
+    #[test]
+    fn every_bi_error_kind_is_a_documented_outcome() {
+        use crate::bi::BiError;
+        let errors = [
+            BiError::Rejected {
+                status: 400,
+                message: String::new(),
+            },
+            BiError::Failed { status: 500 },
+            BiError::Unavailable { status: 503 },
+            BiError::BadResponse(String::new()),
+            BiError::RateLimited { retry_after: None },
+            BiError::Unreachable(String::new()),
+            BiError::Timeout(Duration::from_secs(1)),
+        ];
+        for error in errors {
+            assert!(
+                names::BI_HTTP_OUTCOMES.contains(&error.kind()),
+                "{}",
+                error.kind()
+            );
+        }
+    }
 }

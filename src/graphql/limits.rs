@@ -26,6 +26,16 @@ pub enum LimitError {
         "the document is too complex: it selects more than {max} fields once its fragments are expanded"
     )]
     TooManyFields { max: usize },
+    #[error("the query is nested too deep: fields nest more than {max} levels (GRAPHQL_MAX_DEPTH)")]
+    TooDeep { max: usize },
+    #[error(
+        "the introspection is nested too deep: more than {max} levels under `__schema` or `__type`"
+    )]
+    IntrospectionTooDeep { max: usize },
+    #[error(
+        "the introspection is nested too deep: `fields`, `inputFields`, `interfaces` and `possibleTypes` nest more than {max} levels"
+    )]
+    IntrospectionListsTooDeep { max: usize },
 }
 
 /// Counts GraphQL tokens (punctuators, names, numbers, strings), stopping as
@@ -108,33 +118,63 @@ pub struct DocumentLimits {
     pub max_aliases: usize,
     /// Fields after every fragment spread is expanded: what execution would visit.
     pub max_fields: usize,
+    /// Nesting of fields, an introspection field (`__schema`, `__type`)
+    /// counting as one: introspection has limits of its own.
+    pub max_depth: usize,
 }
 
 /// Fragment spreads are followed at most this deep.
 const MAX_FRAGMENT_DEPTH: usize = 16;
 
-/// Counts `aggregate` fields, aliases and fields over every operation, each
-/// fragment counted as often as it is spread (that is what execution would
-/// cost). Each fragment is counted once and its counts reused, with
-/// saturating arithmetic, so a "fragment bomb" (fragments spreading the next
-/// one many times over) costs time linear in the document, not in its expansion.
+/// How deep fields may nest under `__schema` or `__type`, that field
+/// included. graphql-js's standard introspection query (`getIntrospectionQuery()`,
+/// which GraphiQL, code generators and Postman send) is 15 deep: nine nested
+/// `ofType`s to unwrap types like `[[Int!]!]!`. Each `ofType` is one object,
+/// so depth alone costs little; the lists below are what multiply.
+pub const MAX_INTROSPECTION_DEPTH: usize = 20;
+
+/// How many of the introspection fields that lead back to lists of types
+/// (`fields`, `inputFields`, `interfaces`, `possibleTypes`) may nest in one
+/// another. graphql-js's `MaxIntrospectionDepthRule` allows 2, and its
+/// standard query uses 1: each level multiplies the answer by the schema's size.
+pub const MAX_INTROSPECTION_LISTS: usize = 2;
+
+/// What a document that passed the limits asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DocumentSummary {
+    /// Whether it introspects the schema (`__schema` or `__type`; `__typename` does not count).
+    pub introspects: bool,
+    /// The name of its only operation, when it has exactly one named operation.
+    pub operation_name: Option<String>,
+}
+
+/// Counts `aggregate` fields, aliases, fields and depth over every
+/// operation, each fragment counted as often as it is spread (that is what
+/// execution would cost). Each fragment is counted once per context and its
+/// counts reused, with saturating arithmetic, so a "fragment bomb" (fragments
+/// spreading the next one many times over) costs time linear in the document,
+/// not in its expansion.
 pub fn check_document(
     document: &ExecutableDocument,
     limits: DocumentLimits,
-) -> Result<(), LimitError> {
+) -> Result<DocumentSummary, LimitError> {
     let mut walker = Walker {
         document,
         fragments: HashMap::new(),
         in_progress: Vec::new(),
     };
     let mut total = Counts::default();
+    let mut operation_name = None;
     match &document.operations {
         DocumentOperations::Single(operation) => {
-            total.add(walker.count(&operation.node.selection_set.node, 0)?, 1);
+            total.merge(walker.count(&operation.node.selection_set.node, 0, Place::Query)?);
         }
         DocumentOperations::Multiple(operations) => {
             for operation in operations.values() {
-                total.add(walker.count(&operation.node.selection_set.node, 0)?, 1);
+                total.merge(walker.count(&operation.node.selection_set.node, 0, Place::Query)?);
+            }
+            if operations.len() == 1 {
+                operation_name = operations.keys().next().map(|name| name.to_string());
             }
         }
     }
@@ -155,41 +195,84 @@ pub fn check_document(
             max: limits.max_fields,
         });
     }
-    Ok(())
+    if total.depth > limits.max_depth {
+        return Err(LimitError::TooDeep {
+            max: limits.max_depth,
+        });
+    }
+    if total.introspection_depth > MAX_INTROSPECTION_DEPTH {
+        return Err(LimitError::IntrospectionTooDeep {
+            max: MAX_INTROSPECTION_DEPTH,
+        });
+    }
+    if total.introspection_lists > MAX_INTROSPECTION_LISTS {
+        return Err(LimitError::IntrospectionListsTooDeep {
+            max: MAX_INTROSPECTION_LISTS,
+        });
+    }
+    Ok(DocumentSummary {
+        introspects: total.introspects,
+        operation_name,
+    })
 }
+
+/// Where a selection set is: in the query proper, or under an introspection field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Place {
+    Query,
+    Introspection,
+}
+
+/// Introspection fields whose answers are lists of types or fields, which
+/// lead back to more such lists.
+const INTROSPECTION_LISTS: &[&str] = &["fields", "inputFields", "interfaces", "possibleTypes"];
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     aggregates: usize,
     aliases: usize,
     fields: usize,
+    /// Field nesting of this selection set in its place.
+    depth: usize,
+    /// Nesting of [`INTROSPECTION_LISTS`] fields, under an introspection field.
+    lists: usize,
+    /// The deepest introspection field found below (the field included).
+    introspection_depth: usize,
+    /// The most nested lists under an introspection field found below.
+    introspection_lists: usize,
+    introspects: bool,
 }
 
 impl Counts {
-    fn add(&mut self, other: Counts, times: usize) {
-        self.aggregates = self
-            .aggregates
-            .saturating_add(other.aggregates.saturating_mul(times));
-        self.aliases = self
-            .aliases
-            .saturating_add(other.aliases.saturating_mul(times));
-        self.fields = self
-            .fields
-            .saturating_add(other.fields.saturating_mul(times));
+    /// `other` beside these counts in one selection set: sums and maxima.
+    fn merge(&mut self, other: Counts) {
+        self.aggregates = self.aggregates.saturating_add(other.aggregates);
+        self.aliases = self.aliases.saturating_add(other.aliases);
+        self.fields = self.fields.saturating_add(other.fields);
+        self.depth = self.depth.max(other.depth);
+        self.lists = self.lists.max(other.lists);
+        self.introspection_depth = self.introspection_depth.max(other.introspection_depth);
+        self.introspection_lists = self.introspection_lists.max(other.introspection_lists);
+        self.introspects |= other.introspects;
     }
 }
 
 struct Walker<'a> {
     document: &'a ExecutableDocument,
-    /// Counts of fragments already walked, by name.
-    fragments: HashMap<&'a str, Counts>,
+    /// Counts of fragments already walked, by name and place.
+    fragments: HashMap<(&'a str, Place), Counts>,
     /// Fragments being walked: spreading one of them again is a cycle.
     in_progress: Vec<&'a str>,
 }
 
 impl<'a> Walker<'a> {
-    fn count(&mut self, set: &'a SelectionSet, depth: usize) -> Result<Counts, LimitError> {
-        if depth > MAX_FRAGMENT_DEPTH {
+    fn count(
+        &mut self,
+        set: &'a SelectionSet,
+        fragment_depth: usize,
+        place: Place,
+    ) -> Result<Counts, LimitError> {
+        if fragment_depth > MAX_FRAGMENT_DEPTH {
             return Err(LimitError::FragmentsTooDeep {
                 max: MAX_FRAGMENT_DEPTH,
             });
@@ -199,30 +282,63 @@ impl<'a> Walker<'a> {
             match &item.node {
                 Selection::Field(field) => {
                     let field = &field.node;
-                    counts.add(
-                        Counts {
-                            aggregates: usize::from(field.name.node.as_str() == "aggregate"),
-                            aliases: usize::from(field.alias.is_some()),
-                            fields: 1,
-                        },
-                        1,
-                    );
-                    counts.add(self.count(&field.selection_set.node, depth)?, 1);
+                    let name = field.name.node.as_str();
+                    let introspection_root =
+                        place == Place::Query && matches!(name, "__schema" | "__type");
+                    let inner = if introspection_root {
+                        Place::Introspection
+                    } else {
+                        place
+                    };
+                    let below = self.count(&field.selection_set.node, fragment_depth, inner)?;
+                    let mut this = Counts {
+                        aggregates: usize::from(name == "aggregate")
+                            .saturating_add(below.aggregates),
+                        aliases: usize::from(field.alias.is_some()).saturating_add(below.aliases),
+                        fields: below.fields.saturating_add(1),
+                        introspection_depth: below.introspection_depth,
+                        introspection_lists: below.introspection_lists,
+                        introspects: below.introspects || introspection_root,
+                        ..Counts::default()
+                    };
+                    if introspection_root {
+                        // Its own nesting is measured against the introspection limits.
+                        this.depth = 1;
+                        this.introspection_depth = below.depth.saturating_add(1);
+                        this.introspection_lists = below.lists;
+                    } else {
+                        this.depth = below.depth.saturating_add(1);
+                        if place == Place::Introspection {
+                            this.lists = below
+                                .lists
+                                .saturating_add(usize::from(INTROSPECTION_LISTS.contains(&name)));
+                        }
+                    }
+                    counts.merge(this);
                 }
                 Selection::InlineFragment(fragment) => {
-                    counts.add(self.count(&fragment.node.selection_set.node, depth + 1)?, 1);
+                    counts.merge(self.count(
+                        &fragment.node.selection_set.node,
+                        fragment_depth + 1,
+                        place,
+                    )?);
                 }
                 Selection::FragmentSpread(spread) => {
                     let name = spread.node.fragment_name.node.as_str();
-                    counts.add(self.fragment(name, depth + 1)?, 1);
+                    counts.merge(self.fragment(name, fragment_depth + 1, place)?);
                 }
             }
         }
         Ok(counts)
     }
 
-    fn fragment(&mut self, name: &'a str, depth: usize) -> Result<Counts, LimitError> {
-        if let Some(counts) = self.fragments.get(name) {
+    fn fragment(
+        &mut self,
+        name: &'a str,
+        fragment_depth: usize,
+        place: Place,
+    ) -> Result<Counts, LimitError> {
+        if let Some(counts) = self.fragments.get(&(name, place)) {
             return Ok(*counts);
         }
         if self.in_progress.contains(&name) {
@@ -238,10 +354,10 @@ impl<'a> Walker<'a> {
             return Ok(Counts::default());
         };
         self.in_progress.push(name);
-        let counts = self.count(&fragment.node.selection_set.node, depth);
+        let counts = self.count(&fragment.node.selection_set.node, fragment_depth, place);
         self.in_progress.pop();
         let counts = counts?;
-        self.fragments.insert(name, counts);
+        self.fragments.insert((name, place), counts);
         Ok(counts)
     }
 }
@@ -258,8 +374,10 @@ mod tests {
                 max_aggregates,
                 max_aliases: 3,
                 max_fields: 1_000,
+                max_depth: 12,
             },
         )
+        .map(|_| ())
     }
 
     #[test]
@@ -297,6 +415,99 @@ mod tests {
             check(&query, 10),
             Err(LimitError::TooManyFields { .. })
         ));
+    }
+
+    fn summary(query: &str, max_depth: usize) -> Result<DocumentSummary, LimitError> {
+        let document = async_graphql::parser::parse_query(query).expect("parses");
+        check_document(
+            &document,
+            DocumentLimits {
+                max_aggregates: 10,
+                max_aliases: 10,
+                max_fields: 1_000,
+                max_depth,
+            },
+        )
+    }
+
+    /// graphql-js's `getIntrospectionQuery()`, as GraphiQL sends it.
+    const INTROSPECTION: &str = include_str!("../../tests/fixtures/introspection-query.graphql");
+
+    #[test]
+    fn the_standard_introspection_query_passes_the_default_depth() {
+        let summary = summary(INTROSPECTION, 12).expect("within the limits");
+        assert!(summary.introspects);
+        assert_eq!(
+            summary.operation_name.as_deref(),
+            Some("IntrospectionQuery")
+        );
+        // Even a depth of 1 admits it: introspection is measured on its own.
+        assert!(summary_ok(INTROSPECTION, 1));
+    }
+
+    fn summary_ok(query: &str, max_depth: usize) -> bool {
+        summary(query, max_depth).is_ok()
+    }
+
+    #[test]
+    fn depth_counts_fields_outside_introspection() {
+        let three = "{ catalog { cubes { name } } }";
+        assert!(summary_ok(three, 3));
+        assert_eq!(summary(three, 2), Err(LimitError::TooDeep { max: 2 }));
+        // Through fragments too, and `__typename` is an ordinary leaf.
+        let fragment = "{ ...F } fragment F on Query { catalog { cubes { __typename } } }";
+        assert_eq!(summary(fragment, 2), Err(LimitError::TooDeep { max: 2 }));
+        assert!(!summary(fragment, 3).expect("ok").introspects);
+    }
+
+    #[test]
+    fn hostile_introspection_is_refused() {
+        let of_types = |n: usize| {
+            format!(
+                "{{ __schema {{ types {{ fields {{ type {}{{ name }}{} }} }} }} }}",
+                "{ ofType ".repeat(n),
+                " }".repeat(n)
+            )
+        };
+        // __schema types fields type, n ofTypes, name: 5 + n deep.
+        assert!(summary_ok(&of_types(MAX_INTROSPECTION_DEPTH - 5), 12));
+        assert_eq!(
+            summary(&of_types(MAX_INTROSPECTION_DEPTH - 4), 12),
+            Err(LimitError::IntrospectionTooDeep {
+                max: MAX_INTROSPECTION_DEPTH
+            })
+        );
+        let lists = |n: usize| {
+            format!(
+                "{{ __type(name: \"Query\") {}{{ name }}{} }}",
+                "{ fields { type ".repeat(n),
+                " } }".repeat(n)
+            )
+        };
+        assert!(summary_ok(&lists(MAX_INTROSPECTION_LISTS), 12));
+        assert_eq!(
+            summary(&lists(MAX_INTROSPECTION_LISTS + 1), 12),
+            Err(LimitError::IntrospectionListsTooDeep {
+                max: MAX_INTROSPECTION_LISTS
+            })
+        );
+        // A fragment spread under `__schema` counts there, not in the query.
+        let spread = "{ __schema { types { ...T } } } fragment T on __Type { fields { type { fields { type { inputFields { name } } } } } }";
+        assert!(matches!(
+            summary(spread, 12),
+            Err(LimitError::IntrospectionListsTooDeep { .. })
+        ));
+    }
+
+    #[test]
+    fn the_operation_name_is_that_of_the_only_named_operation() {
+        let name = |query: &str| summary(query, 12).expect("ok").operation_name;
+        assert_eq!(
+            name("query Panel { catalog { cubes { name } } }").as_deref(),
+            Some("Panel")
+        );
+        assert_eq!(name("{ catalog { cubes { name } } }"), None);
+        assert_eq!(name("query A { __typename } query B { __typename }"), None);
     }
 
     #[test]

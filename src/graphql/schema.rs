@@ -58,7 +58,10 @@ pub fn build_schema(
 ) -> GatewaySchema {
     let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
         .data(context)
-        .limit_depth(limits.max_depth)
+        // No `limit_depth`: async-graphql would count introspection's own
+        // nesting, which refuses GraphiQL's standard introspection query.
+        // `limits::check_document` counts depth without it and gives
+        // introspection bounds of its own.
         .limit_complexity(limits.max_complexity)
         .limit_directives(limits.max_directives_per_field)
         .limit_recursive_depth(limits.max_recursive_depth);
@@ -280,25 +283,55 @@ pub struct CatalogView(Arc<Catalog>);
 #[Object(name = "Catalog")]
 impl CatalogView {
     async fn cubes(&self) -> Vec<CubeView<'_>> {
-        self.0.meta().cubes.iter().map(CubeView).collect()
+        self.0
+            .meta()
+            .cubes
+            .iter()
+            .map(|cube| CubeView {
+                catalog: &self.0,
+                cube,
+            })
+            .collect()
     }
 }
 
-pub struct CubeView<'a>(&'a crate::bi::protocol::MetaCube);
+pub struct CubeView<'a> {
+    catalog: &'a Catalog,
+    cube: &'a crate::bi::protocol::MetaCube,
+}
 
 #[Object(name = "Cube")]
 impl CubeView<'_> {
     async fn name(&self) -> &str {
-        &self.0.name
+        &self.cube.name
     }
     async fn title(&self) -> Option<&str> {
-        self.0.title.as_deref()
+        self.cube.title.as_deref()
     }
+    /// What `AggregateInput.measures` accepts.
     async fn measures(&self) -> Vec<MemberView<'_>> {
-        self.0.measures.iter().map(MemberView).collect()
+        self.cube.measures.iter().map(MemberView).collect()
     }
+    /// What `AggregateInput.dimensions` accepts: the dimensions to group by.
+    /// Time dimensions are not among them (see `timeDimensions`).
     async fn dimensions(&self) -> Vec<MemberView<'_>> {
-        self.0.dimensions.iter().map(MemberView).collect()
+        self.cube
+            .dimensions
+            .iter()
+            .filter(|d| !self.catalog.is_time_dimension(&d.name))
+            .map(MemberView)
+            .collect()
+    }
+    /// Time dimensions (type `time`, and the gateway's `BI_TIME_DIMENSION`):
+    /// refused in `dimensions`. `dateRange` filters on the gateway's time
+    /// dimension and `granularity` buckets it.
+    async fn time_dimensions(&self) -> Vec<MemberView<'_>> {
+        self.cube
+            .dimensions
+            .iter()
+            .filter(|d| self.catalog.is_time_dimension(&d.name))
+            .map(MemberView)
+            .collect()
     }
 }
 

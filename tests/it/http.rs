@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+use analytics_gateway::telemetry::names;
 use serde_json::Value;
 
 use crate::common::{TestEnv, TestOptions, expected_rows, metric, panel, wait_until, within};
 
-/// `/healthz` answers 200, and `/readyz` 200 with the BI reported up.
+/// `/healthz` answers 200, and `/readyz` 200 with the BI reported up (once
+/// its first background probe is in).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn health_and_readiness() {
     let env = TestEnv::start(TestOptions::default()).await;
@@ -15,10 +17,17 @@ async fn health_and_readiness() {
     let health = env.gateway().get("/healthz").await;
     assert_eq!(health.status().as_u16(), 200);
 
-    let ready = env.gateway().get("/readyz").await;
-    assert_eq!(ready.status().as_u16(), 200);
-    let body: Value = ready.json().await.expect("/readyz answers JSON");
-    assert_eq!(body["bi"], "up", "{body}");
+    wait_until(
+        Duration::from_secs(20),
+        "the BI probe to say up",
+        || async {
+            let (status, body) = env.gateway().readyz().await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["status"], "ready", "{body}");
+            body["bi"] == "up"
+        },
+    )
+    .await;
 }
 
 /// `/metrics` is Prometheus text that accounts for a stampede exactly: one
@@ -52,22 +61,22 @@ async fn metrics_account_for_a_stampede() {
     assert!(content_type.starts_with("text/plain"), "{content_type}");
     let text = response.text().await.expect("a text body");
     assert!(
-        text.contains("# TYPE cache_lookups_total counter"),
+        text.contains(&format!("# TYPE {} counter", names::CACHE_LOOKUPS)),
         "{text}"
     );
     let value = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels).unwrap_or(0.0);
     assert_eq!(
-        value("bi_queries_total", &[("outcome", "ok")]),
+        value(names::BI_QUERIES, &[("outcome", "ok")]),
         1.0,
         "{text}"
     );
     assert_eq!(
-        value("cache_lookups_total", &[("status", "miss")]),
+        value(names::CACHE_LOOKUPS, &[("status", "miss")]),
         1.0,
         "{text}"
     );
     assert_eq!(
-        value("cache_lookups_total", &[("status", "coalesced")]),
+        value(names::CACHE_LOOKUPS, &[("status", "coalesced")]),
         (N - 1) as f64,
         "{text}"
     );
@@ -103,8 +112,79 @@ async fn metrics_count_cache_hits() {
         .await
         .expect("a text body");
     let value =
-        |status: &str| metric(&text, "cache_lookups_total", &[("status", status)]).unwrap_or(0.0);
+        |status: &str| metric(&text, names::CACHE_LOOKUPS, &[("status", status)]).unwrap_or(0.0);
     assert_eq!((value("miss"), value("hit")), (1.0, 2.0), "{text}");
+}
+
+/// The `operation` label of `/metrics` is the operation the document names
+/// (`query Panel { ... }` is `Panel`) when the body has no `operationName`,
+/// and the body's `operationName` when it has one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operation_label_is_named_by_the_document() {
+    let env = TestEnv::start(TestOptions::default().latency_ms(50)).await;
+    let body = panel(
+        "acme",
+        "2025-01-01",
+        "2025-01-07",
+        &["Sales.orders"],
+        &[],
+        Some("DAY"),
+    );
+    assert!(body.get("operationName").is_none(), "{body}");
+    let answer = env.gateway().graphql(&body).await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+    let named = serde_json::json!({
+        "query": "query A { __typename } query B { __typename }",
+        "operationName": "B",
+    });
+    let answer = env.gateway().graphql(&named).await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+
+    let text = env
+        .gateway()
+        .get("/metrics")
+        .await
+        .text()
+        .await
+        .expect("a text body");
+    let count = format!("{}_count", names::GRAPHQL_DURATION);
+    let calls = |operation: &str| metric(&text, &count, &[("operation", operation)]);
+    assert_eq!(calls("Panel"), Some(1.0), "{text}");
+    assert_eq!(calls("B"), Some(1.0), "{text}");
+    assert_eq!(calls("anonymous"), None, "{text}");
+}
+
+/// A `BI_URL` without the `/v1` of Cube's REST API is warned about at start
+/// (naming the variable), not refused: behind a path-rewriting proxy it may
+/// be right, and bi-sim, like such a proxy, answers under any prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bi_url_without_v1_is_warned_about_at_start() {
+    let sim = crate::common::Sim::start(Duration::from_millis(10)).await;
+    let without_v1 = sim.base_url().trim_end_matches("/v1").to_owned();
+    let env = TestEnv::start(TestOptions::default().env("BI_URL", &without_v1)).await;
+    let output = env.gateway().output();
+    assert!(
+        output
+            .lines()
+            .any(|line| line.contains("WARN") && line.contains("BI_URL") && line.contains("/v1")),
+        "{output}"
+    );
+    let answer = env
+        .gateway()
+        .graphql(&panel(
+            "acme",
+            "2025-01-01",
+            "2025-01-02",
+            &["Sales.orders"],
+            &[],
+            None,
+        ))
+        .await;
+    assert!(answer.get("errors").is_none(), "{answer}");
+    assert_eq!(sim.stats().queries, 1);
+
+    let quiet = TestEnv::start(TestOptions::default()).await;
+    assert!(!quiet.gateway().output().contains("does not end in /v1"));
 }
 
 /// `GET /graphql` serves GraphiQL to browsers and executes queries otherwise.

@@ -85,6 +85,50 @@ async fn every_rule_is_bad_user_input_and_costs_no_bi_query() {
     assert_eq!((stats.http_requests, stats.queries), (0, 0), "{stats:?}");
 }
 
+/// `dimensions: ["Sales.date"]` (the time dimension) is `BAD_USER_INPUT`
+/// saying to use `granularity`, with no BI query, both right after start
+/// (`BI_TIME_DIMENSION` is known before the catalog is) and once the catalog
+/// is loaded; the catalog lists it under `timeDimensions`, not `dimensions`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_dimension_in_dimensions_is_bad_user_input_at_no_bi_cost() {
+    let env = TestEnv::start(TestOptions::default()).await;
+    let body = panel_body(with("dimensions", json!(["Sales.region", "Sales.date"])));
+    let check = |answer: &Value| {
+        assert_eq!(error_code(answer), Some("BAD_USER_INPUT"), "{answer}");
+        let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("Sales.date") && message.contains("granularity"),
+            "{message}"
+        );
+    };
+    check(&env.gateway().graphql(&body).await);
+    env.wait_for_catalog().await;
+    check(&env.gateway().graphql(&body).await);
+    assert_eq!(env.sim.stats().queries, 0);
+
+    let catalog = env
+        .gateway()
+        .graphql(&json!({"query": "{ catalog { cubes { dimensions { name } timeDimensions { name type } } } }"}))
+        .await;
+    let cube = &catalog["data"]["catalog"]["cubes"][0];
+    let names = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|m| m["name"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(names(&cube["timeDimensions"]), ["Sales.date"], "{catalog}");
+    assert_eq!(cube["timeDimensions"][0]["type"], "time", "{catalog}");
+    assert!(
+        !names(&cube["dimensions"]).contains(&"Sales.date".to_owned()),
+        "{catalog}"
+    );
+    assert!(names(&cube["dimensions"]).contains(&"Sales.region".to_owned()));
+}
+
 /// `2020-01-01` plus `max_days` days: a range one day longer than allowed.
 fn range_end_one_day_too_far(max_days: u32) -> String {
     use chrono::{Days, NaiveDate};
@@ -100,8 +144,8 @@ async fn hostile_documents_are_refused_and_the_process_stays_up() {
     let gateway = env.gateway();
     let config = Config::embedded_defaults();
 
-    // Introspection nests as deep as one likes: deeper than the limit here.
-    let depth = config.graphql.max_depth + 1;
+    // Introspection nests as deep as one likes: deeper than its own limit here.
+    let depth = analytics_gateway::graphql::limits::MAX_INTROSPECTION_DEPTH;
     let nested = format!(
         "{{ __schema {{ types {}name{} }} }}",
         "{ ofType ".repeat(depth),

@@ -80,7 +80,8 @@ pub struct Sim {
     simulator: Simulator,
     address: std::net::SocketAddr,
     http: reqwest::Client,
-    _stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl Sim {
@@ -91,7 +92,7 @@ impl Sim {
         let address = listener.local_addr().expect("bi-sim's bound address");
         let simulator = Simulator::new(SimConfig { latency });
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(sim::serve(listener, simulator.clone(), async move {
+        let server = tokio::spawn(sim::serve(listener, simulator.clone(), async move {
             // Either a send or the sender's drop stops the server.
             let _ = stopped.await;
         }));
@@ -99,7 +100,19 @@ impl Sim {
             simulator,
             address,
             http: http_client(),
-            _stop: stop,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    /// Takes the BI away: stops listening and closes its idle connections,
+    /// so that every later request to it is refused, as when the BI goes down.
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = within(REQUEST_TIMEOUT, "bi-sim to stop", server).await;
         }
     }
 

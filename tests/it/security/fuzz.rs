@@ -317,7 +317,12 @@ proptest! {
         if let Ok(document) = async_graphql::parser::parse_query(tokens.join(" ")) {
             let _ = check_document(
                 &document,
-                DocumentLimits { max_aggregates: 3, max_aliases: 3, max_fields: usize::MAX },
+                DocumentLimits {
+                    max_aggregates: 3,
+                    max_aliases: 3,
+                    max_fields: usize::MAX,
+                    max_depth: usize::MAX,
+                },
             );
         }
     }
@@ -341,6 +346,7 @@ proptest! {
             max_aggregates,
             max_aliases,
             max_fields: usize::MAX,
+            max_depth: usize::MAX,
         };
         let unbounded = check_document(&document, limits(usize::MAX, usize::MAX));
         if !operation.spreads && fragments.is_empty() {

@@ -92,11 +92,37 @@ fn limits() -> Vec<Limit> {
         },
         Limit {
             name: "depth",
-            env: &[("GRAPHQL_MAX_DEPTH", "6")],
-            // __schema(1) types(2) fields(3) type(4) ofType(5) name(6).
-            under: with_aggregate("{ rows }", &type_chain(1)),
-            over: with_aggregate("{ rows }", &type_chain(2)),
+            env: &[("GRAPHQL_MAX_DEPTH", "3")],
+            // catalog(1) cubes(2) measures(3) name(4); introspection's own
+            // nesting is not counted (the limits below are its own).
+            under: with_aggregate(
+                "{ rows }",
+                &format!("catalog {{ cubes {{ name }} }} {}", type_chain(1)),
+            ),
+            over: with_aggregate("{ rows }", "catalog { cubes { measures { name } } }"),
             says: "nested too deep",
+        },
+        Limit {
+            name: "introspection depth",
+            env: &[],
+            // 4 + 15 + 1 = 20 fields under and including `__schema`.
+            under: with_aggregate("{ rows }", &type_chain(15)),
+            over: with_aggregate("{ rows }", &type_chain(16)),
+            says: "introspection is nested too deep",
+        },
+        Limit {
+            name: "introspection lists",
+            env: &[],
+            // `fields` in `fields` is allowed, a third level is not.
+            under: with_aggregate(
+                "{ rows }",
+                "__type(name: \"QueryRoot\") { fields { type { fields { name } } } }",
+            ),
+            over: with_aggregate(
+                "{ rows }",
+                "__type(name: \"QueryRoot\") { fields { type { fields { type { fields { name } } } } } }",
+            ),
+            says: "introspection is nested too deep",
         },
         Limit {
             name: "complexity",
