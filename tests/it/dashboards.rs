@@ -234,3 +234,51 @@ async fn a_dead_leaders_panel_costs_one_extra_query_and_blocks_no_dashboard() {
         env.logs()
     );
 }
+
+/// No lock is held while waiting: gw-1 is on the BI call for panel B when
+/// gw-0 is asked for a dashboard of panels A and B. gw-0 wins A and loses B;
+/// it calls the BI for A at once and waits for B beside it, so the
+/// dashboard is answered about one BI latency after it was sent, not after
+/// B's call and then A's (two latencies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dashboard_calls_the_bi_at_once_for_the_panels_it_won() {
+    const LATENCY: Duration = Duration::from_millis(2_000);
+    let env = TestEnv::start(
+        TestOptions::default()
+            .redis()
+            .instances(2)
+            .latency_ms(LATENCY.as_millis() as u64)
+            .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
+    )
+    .await;
+    let panels = panels();
+    let (a, b) = (panels[0].clone(), panels[1].clone());
+    let held = tokio::spawn({
+        let client = env.gateways[1].client();
+        let body = panel_body(b.clone());
+        async move { client.graphql(&body).await }
+    });
+    assert_eq!(
+        env.wait_for_lock_owner(Duration::from_secs(20)).await,
+        "gw-1"
+    );
+
+    let answers = env
+        .fire_on_timed(&[(0, dashboard(&[a.clone(), b.clone()]))])
+        .await;
+
+    assert_dashboards_are_right(&[vec![0, 1]], &answers, &panels, || env.logs());
+    let (answer, took) = &answers[0];
+    assert_eq!(answer["data"]["p0"]["cache"]["status"], "MISS", "{answer}");
+    assert_eq!(
+        answer["data"]["p1"]["cache"]["status"], "COALESCED",
+        "{answer}"
+    );
+    assert!(
+        *took < LATENCY + LATENCY / 2,
+        "the dashboard took {took:?}: its own BI call waited for the other instance's\n{}",
+        env.logs()
+    );
+    held.await.expect("no panic").expect("answered");
+    assert_eq!(env.sim.stats().queries, 2, "{:?}", env.sim.stats());
+}
