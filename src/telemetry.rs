@@ -1,8 +1,8 @@
 //! Logs, traces and metrics: set up once per process, named in one place.
 //!
 //! Span names: `graphql.request` (exported as `query <operation>`), `dataloader.batch`,
-//! `cache.lookup`, `aggregate.produce`, `redis.lock` (one try for the locks of
-//! a batch of keys), `coalesce.wait` (one wait for another producer),
+//! `aggregate.produce`, `coalesce.try_lead` (one lookup and try for the locks
+//! of a batch of keys), `coalesce.wait` (one wait for another producer),
 //! `bi.call` (one per HTTP request to the BI).
 
 use std::sync::OnceLock;
