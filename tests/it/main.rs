@@ -19,6 +19,7 @@ mod readiness;
 mod redis_faults;
 mod redis_recovery;
 mod redis_stampede;
+mod review_r2;
 mod schema;
 mod security;
 mod stampede;
