@@ -55,7 +55,8 @@ impl CacheStatus {
 pub struct Answer {
     pub entry: Arc<Entry>,
     pub status: CacheStatus,
-    /// Produced without cross-instance coordination (Redis unreachable).
+    /// Its entry was produced without cross-instance coordination (Redis
+    /// unreachable): the response says it is degraded.
     pub degraded: bool,
 }
 
@@ -177,9 +178,9 @@ impl Aggregator {
                     record_wake(&resolved);
                 }
                 Answer {
+                    degraded: resolved.entry.uncoordinated,
                     entry: resolved.entry,
                     status,
-                    degraded: resolved.degraded,
                 }
             });
             (key, answer)
@@ -315,8 +316,15 @@ impl Aggregator {
     /// query is asked again alone, so one bad panel does not fail the others.
     async fn produce_batch(self: Arc<Self>, batch: Vec<Production>) {
         if let Some(left) = self.cooldown_left() {
-            self.settle_error(batch, AnswerError::cooling_down(left))
-                .await;
+            // This process saw the 429 after these leads were taken: no
+            // call, nothing stored (the store has the cool-down already),
+            // the locks go back.
+            let error = AnswerError::cooling_down(left);
+            join_all(batch.into_iter().map(|production| async {
+                self.coordinator.abandon(production.lease).await;
+                production.flight.complete(Err(error.clone()));
+            }))
+            .await;
             return;
         }
         match self.call_bi(&batch).await {
@@ -361,12 +369,12 @@ impl Aggregator {
                         &self.settings.instance_id,
                         self.settings.row_limit,
                     )
-                    .produced_by_call(call.as_ref()),
+                    .produced_by_call(call.as_ref())
+                    .uncoordinated(production.lease.is_degraded()),
                 );
                 let resolved = Resolved {
                     entry: Arc::clone(&entry),
                     origin: Origin::Produced,
-                    degraded: production.lease.is_degraded(),
                 };
                 // Store first, then wake: a request that arrives after the flight
                 // ends (or a client that asks another instance next) must find the
@@ -429,11 +437,7 @@ pub fn answer_error(err: &BiError) -> AnswerError {
 
 fn resolved(cached: Cached, origin: Origin) -> Result<Resolved, AnswerError> {
     match cached {
-        Cached::Value(entry) => Ok(Resolved {
-            entry,
-            origin,
-            degraded: false,
-        }),
+        Cached::Value(entry) => Ok(Resolved { entry, origin }),
         Cached::Error(negative) => Err(negative.error.clone()),
     }
 }
@@ -462,9 +466,9 @@ fn count_answer(answer: &AnswerResult) {
 fn answer_from_cache(cached: Cached) -> AnswerResult {
     match cached {
         Cached::Value(entry) => Ok(Answer {
+            degraded: entry.uncoordinated,
             entry,
             status: CacheStatus::Hit,
-            degraded: false,
         }),
         Cached::Error(negative) => {
             metrics::counter!(names::NEGATIVE_CACHE_HITS).increment(1);

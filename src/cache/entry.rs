@@ -51,6 +51,10 @@ pub struct Entry {
     /// The row limit the query was sent with: as many rows as this means
     /// the BI may have cut the answer.
     pub row_limit: u32,
+    /// Produced without cross-instance coordination (Redis was down): other
+    /// instances may have paid for the same answer, and every answer served
+    /// from it says it is degraded.
+    pub uncoordinated: bool,
     /// When this copy stops being served, on this process's monotonic clock:
     /// a copy read from Redis gets the key's remaining lifetime (`PTTL`), so
     /// instances whose clocks disagree still agree on when an entry ends.
@@ -75,6 +79,8 @@ pub struct StoredEntry {
     #[serde(default)]
     pub span_id: Option<String>,
     pub row_limit: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub uncoordinated: bool,
 }
 
 /// A once-built rendering of an entry's rows (see [`Entry::rendered`]).
@@ -107,9 +113,16 @@ impl Entry {
             trace_id: None,
             span_id: None,
             row_limit,
+            uncoordinated: false,
             expires_at: Instant::now() + ttl,
             rendered: RenderMemo::default(),
         }
+    }
+
+    /// Marks the entry as produced without cross-instance coordination.
+    pub fn uncoordinated(mut self, uncoordinated: bool) -> Entry {
+        self.uncoordinated = uncoordinated;
+        self
     }
 
     /// Records which `bi.call` produced the rows.
@@ -130,6 +143,7 @@ impl Entry {
             trace_id: stored.trace_id,
             span_id: stored.span_id,
             row_limit: stored.row_limit,
+            uncoordinated: stored.uncoordinated,
             expires_at: Instant::now() + time_left,
             rendered: RenderMemo::default(),
         }
@@ -144,6 +158,7 @@ impl Entry {
             trace_id: self.trace_id.clone(),
             span_id: self.span_id.clone(),
             row_limit: self.row_limit,
+            uncoordinated: self.uncoordinated,
         }
     }
 

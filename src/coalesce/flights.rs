@@ -26,9 +26,6 @@ pub enum Origin {
 pub struct Resolved {
     pub entry: Arc<Entry>,
     pub origin: Origin,
-    /// Produced without cross-instance coordination (Redis unreachable):
-    /// other instances may have paid for the same answer.
-    pub degraded: bool,
 }
 
 type Outcome = Result<Resolved, AnswerError>;
@@ -213,7 +210,6 @@ mod tests {
         lead.complete(Ok(Resolved {
             entry: entry(),
             origin: Origin::Produced,
-            degraded: false,
         }));
         assert!(flights.is_empty());
         for watch in [lead_watch, follow_watch] {

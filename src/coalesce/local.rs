@@ -67,6 +67,8 @@ impl Coordinator for LocalCoordinator {
             .insert(lease.key, Cached::Error(Arc::new(negative)));
     }
 
+    async fn abandon(&self, _lease: Lease) {}
+
     async fn cool_down(&self, _period: Duration) {
         // The aggregator's own cool-down is the whole world's here.
     }

@@ -129,6 +129,9 @@ pub trait Coordinator: Send + Sync + 'static {
     /// BI's `Retry-After`) and gives up the lease.
     async fn fail(&self, lease: Lease, error: AnswerError);
 
+    /// Gives up the lease without storing anything (the BI was not asked).
+    async fn abandon(&self, lease: Lease);
+
     /// The BI asked to be left alone for `period` (a 429): no producer that
     /// shares this store takes a lead before it has passed.
     async fn cool_down(&self, period: Duration);

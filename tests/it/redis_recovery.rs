@@ -467,9 +467,9 @@ async fn a_redis_that_refuses_writes_is_down_and_misses_are_answered() {
 }
 
 /// The BI answers a batch of five panels in 1 s, then Redis starts refusing
-/// writes: the request gets all five panels the BI was paid for, at once
-/// (the rows reach this instance's waiters before they are stored), not
-/// after one bounded fill after another.
+/// writes: the request gets all five panels the BI was paid for, well before
+/// its deadline: the keys of the batch are stored side by side (each fill
+/// bounded by Redis being declared down), not one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paid_rows_reach_their_requests_while_redis_refuses_the_fill() {
     let redis = RedisServer::start(&[]).await;

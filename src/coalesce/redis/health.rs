@@ -37,8 +37,13 @@ pub(super) struct Health {
     last_success: AtomicU64,
     down_after: Duration,
     keyspace_notifications: AtomicBool,
-    /// Redis refused our commands for `down_after`: down until a probe
-    /// write succeeds, whatever reads do meanwhile.
+    /// Milliseconds after `epoch`, plus one, of the first error reply to a
+    /// coordination command (a script, a write) since the last one that
+    /// succeeded; 0 when there is none. Reads that succeed meanwhile do not
+    /// clear it: they prove Redis is there, not that it is usable.
+    refused_since: AtomicU64,
+    /// Redis refused coordination commands for `down_after`: down until the
+    /// pinger's probe (a script that writes) succeeds.
     refusing: AtomicBool,
     /// The state last logged and exported, to report changes once.
     reported_up: AtomicBool,
@@ -53,27 +58,55 @@ impl Health {
             last_success: AtomicU64::new(0),
             down_after,
             keyspace_notifications: AtomicBool::new(false),
+            refused_since: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
             reported_up: AtomicBool::new(false),
             recheck: Notify::new(),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
     pub(super) fn succeeded(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64 + 1;
-        self.last_success.fetch_max(now, Ordering::Relaxed);
+        self.last_success
+            .fetch_max(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// A coordination command got an error reply (`READONLY`, `OOM`, ...).
+    fn refused(&self) {
+        let _ = self.refused_since.compare_exchange(
+            0,
+            self.now_ms(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A coordination command went through: Redis is usable.
+    fn accepted(&self) {
+        self.refused_since.store(0, Ordering::Relaxed);
     }
 
     pub(super) fn is_up(&self) -> bool {
         if self.refusing.load(Ordering::Relaxed) {
             return false;
         }
+        let now = self.now_ms();
+        let down_after = self.down_after.as_millis() as u64;
+        let refused_since = self.refused_since.load(Ordering::Relaxed);
+        if refused_since != 0 && now.saturating_sub(refused_since) >= down_after {
+            if !self.refusing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "Redis has refused the commands coordination needs for a lock lifetime: degraded until it accepts a write again"
+                );
+            }
+            return false;
+        }
         match self.last_success.load(Ordering::Relaxed) {
             0 => false,
-            at => {
-                let now = self.epoch.elapsed().as_millis() as u64 + 1;
-                now.saturating_sub(at) <= self.down_after.as_millis() as u64
-            }
+            at => now.saturating_sub(at) <= down_after,
         }
     }
 
@@ -101,6 +134,8 @@ impl Health {
         if self.reported_up.swap(up, Ordering::Relaxed) != up {
             if up {
                 tracing::info!("Redis is reachable: coordinating through Redis");
+            } else if self.refusing.load(Ordering::Relaxed) {
+                tracing::warn!("Redis refuses writes: degraded to in-process coalescing");
             } else {
                 tracing::warn!(
                     down_after_ms = self.down_after.as_millis() as u64,
@@ -133,24 +168,59 @@ impl Link {
         Link { conn, health }
     }
 
+    /// A command that reads, or that coordination can do without.
     pub(super) async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
         let reply = command.query_async(&mut self.conn.clone()).await;
-        self.note(&reply);
+        self.note(&reply, false);
         reply
     }
 
+    /// A command coordination needs (a lock script, a fill, a write): its
+    /// error replies count towards Redis refusing, its success ends that.
+    pub(super) async fn coordinate<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
+        let reply = command.query_async(&mut self.conn.clone()).await;
+        self.note(&reply, true);
+        reply
+    }
+
+    /// A pipeline of reads.
     pub(super) async fn pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
         let reply = pipe.query_async(&mut self.conn.clone()).await;
-        self.note(&reply);
+        self.note(&reply, false);
         reply
     }
 
-    fn note<T>(&self, reply: &RedisResult<T>) {
-        // Only a real answer counts: a server that answers LOADING or BUSY
-        // to everything is no more usable than a silent one.
+    /// A pipeline with commands coordination needs (see [`Link::coordinate`]).
+    pub(super) async fn coordinate_pipe<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+    ) -> RedisResult<T> {
+        let reply = pipe.query_async(&mut self.conn.clone()).await;
+        self.note(&reply, true);
+        reply
+    }
+
+    fn note<T>(&self, reply: &RedisResult<T>, coordination: bool) {
+        // Only a real answer counts as Redis being there; an error reply to a
+        // command coordination needs counts towards refusing.
         match reply {
-            Ok(_) => self.health.succeeded(),
-            Err(_) => metrics::counter!(names::REDIS_COMMAND_FAILURES).increment(1),
+            Ok(_) => {
+                self.health.succeeded();
+                if coordination {
+                    self.health.accepted();
+                }
+            }
+            Err(err) => {
+                metrics::counter!(names::REDIS_COMMAND_FAILURES).increment(1);
+                if coordination
+                    && matches!(
+                        err.kind(),
+                        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+                    )
+                {
+                    self.health.refused();
+                }
+            }
         }
     }
 
@@ -169,42 +239,28 @@ impl Link {
         Fut: Future<Output = RedisResult<T>>,
     {
         let mut pause = Backoff::new();
-        let mut failing_since: Option<Instant> = None;
+        let mut failed = false;
         loop {
             if Instant::now() >= deadline {
                 return Err(Trouble::Deadline);
             }
-            let refused = match tokio::time::timeout_at(deadline, attempt()).await {
+            match tokio::time::timeout_at(deadline, attempt()).await {
                 Ok(Ok(value)) => {
-                    if failing_since.is_some() {
+                    if failed {
                         tracing::debug!(what, "Redis command succeeded after retries");
                     }
                     return Ok(value);
                 }
                 Ok(Err(err)) => {
-                    if failing_since.is_none() {
+                    if !failed {
                         tracing::info!(what, error = %err, "Redis command failed; retrying");
                     }
-                    matches!(
-                        err.kind(),
-                        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
-                    )
+                    failed = true;
                 }
                 Err(_) => return Err(Trouble::Deadline),
-            };
-            let since = *failing_since.get_or_insert_with(Instant::now);
-            // Answered with an error for a lock lifetime: Redis is there but
-            // will not do what coordination needs.
-            if refused && since.elapsed() >= self.health.down_after {
-                if !self.health.refusing.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        what,
-                        "Redis keeps refusing commands: degraded until it accepts a write again"
-                    );
-                }
-                self.health.report();
             }
             if !self.health.is_up() {
+                self.health.report();
                 tracing::warn!(what, "Redis is down; giving up on the command");
                 return Err(Trouble::Down);
             }
@@ -271,30 +327,33 @@ pub(super) async fn watch_health(
     let run_id_every = (RUN_ID_EVERY.as_millis() / every.as_millis().max(1)).max(1) as u32;
     let mut tick = 0_u32;
     let mut was_up = link.health.is_up();
+    // A check asked for (or owed after an outage) waits until Redis can
+    // answer it; it is never dropped.
+    let mut recheck_owed = false;
+    let probe = super::scripts::probe(&probe_key);
     loop {
         let asked = tokio::select! {
             () = tokio::time::sleep(every) => false,
             () = link.health.recheck.notified() => true,
         };
+        recheck_owed |= asked;
         tick = tick.wrapping_add(1);
         if link.health.refusing.load(Ordering::Relaxed) {
-            let probe = redis::cmd("SET")
-                .arg(&probe_key)
-                .arg(1)
-                .arg("PX")
-                .arg(1_000)
-                .to_owned();
-            let wrote = tokio::time::timeout(settings.command_timeout, link.query::<()>(&probe));
+            // The kind of command coordination needs: a script that writes.
+            let wrote =
+                tokio::time::timeout(settings.command_timeout, link.coordinate::<()>(&probe));
             if matches!(wrote.await, Ok(Ok(()))) {
                 tracing::info!("Redis accepts writes again");
                 link.health.refusing.store(false, Ordering::Relaxed);
+                recheck_owed = true;
             }
-        } else if asked || !was_up || tick.is_multiple_of(run_id_every) || known.is_none() {
+        } else if recheck_owed || !was_up || tick.is_multiple_of(run_id_every) || known.is_none() {
             if let Some(id) = run_id(&link, settings.command_timeout).await {
                 let restarted = known.as_deref() != Some(id.as_str());
                 // Back after an outage, or a new server: its configuration
                 // may not be the one checked before.
-                if asked || restarted || !was_up {
+                if recheck_owed || restarted || !was_up {
+                    recheck_owed = false;
                     if restarted && known.is_some() {
                         tracing::info!(
                             "Redis restarted (new run_id): checking keyspace notifications"

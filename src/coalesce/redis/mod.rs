@@ -192,7 +192,7 @@ impl RedisCoordinator {
         let command = scripts::settle(&self.layout, &lease.key, &token, payload, ttl);
         let deadline = Instant::now() + self.settings.down_after + self.settings.command_timeout;
         self.link
-            .persist("fill", deadline, || self.link.query::<i64>(&command))
+            .persist("fill", deadline, || self.link.coordinate::<i64>(&command))
             .await
             .ok()
             .map(scripts::parse_settle_reply)
@@ -279,7 +279,7 @@ impl RedisCoordinator {
                     let link = self.link.clone();
                     let discard = scripts::discard_value(&self.layout, key, &payload);
                     tokio::spawn(async move {
-                        let _ = link.query::<i64>(&discard).await;
+                        let _ = link.coordinate::<i64>(&discard).await;
                     });
                     Decision::Busy
                 }
@@ -292,7 +292,7 @@ impl RedisCoordinator {
                     let link = self.link.clone();
                     let release = scripts::release(&self.layout, key, &token);
                     tokio::spawn(async move {
-                        let _ = link.query::<i64>(&release).await;
+                        let _ = link.coordinate::<i64>(&release).await;
                     });
                     return Decision::Settled(Self::cooling_down(left));
                 }
@@ -324,10 +324,14 @@ impl RedisCoordinator {
 #[async_trait]
 impl Coordinator for RedisCoordinator {
     fn peek(&self, key: &CacheKey) -> Option<Cached> {
-        if self.settings.local_cache || !self.health().is_up() {
-            self.memory.get(key)
-        } else {
-            None
+        if !self.health().is_up() {
+            return self.memory.get(key);
+        }
+        // While Redis is up, a remembered error is read from Redis: a paid
+        // answer may have replaced it there (a leader whose lock had gone).
+        match self.memory.get(key)? {
+            Cached::Value(entry) if self.settings.local_cache => Some(Cached::Value(entry)),
+            _ => None,
         }
     }
 
@@ -355,7 +359,7 @@ impl Coordinator for RedisCoordinator {
         }
         let replies: Vec<Value> = match self
             .link
-            .persist("lock", deadline, || self.link.pipe(&pipe))
+            .persist("lock", deadline, || self.link.coordinate_pipe(&pipe))
             .instrument(span.clone())
             .await
         {
@@ -474,6 +478,20 @@ impl Coordinator for RedisCoordinator {
             .await;
     }
 
+    async fn abandon(&self, mut lease: Lease) {
+        drop(lease.keep_alive.take());
+        if let LeaseKind::Locked { token } = &lease.kind {
+            let release = scripts::release(&self.layout, &lease.key, token);
+            let deadline = Instant::now() + self.settings.command_timeout * 2;
+            let _ = self
+                .link
+                .persist("lock release", deadline, || {
+                    self.link.coordinate::<i64>(&release)
+                })
+                .await;
+        }
+    }
+
     async fn cool_down(&self, period: Duration) {
         if !self.health().is_up() {
             return;
@@ -487,7 +505,9 @@ impl Coordinator for RedisCoordinator {
         let deadline = Instant::now() + self.settings.command_timeout * 2;
         let _ = self
             .link
-            .persist("cool-down", deadline, || self.link.query::<()>(&command))
+            .persist("cool-down", deadline, || {
+                self.link.coordinate::<()>(&command)
+            })
             .await;
     }
 }
@@ -502,7 +522,7 @@ impl Counters for RedisCoordinator {
             pipe.atomic()
                 .incr(&key, amount)
                 .pexpire(&key, (window.as_millis() as i64) * 2);
-            if let Ok((total, _)) = self.link.pipe::<(u64, i64)>(&pipe).await {
+            if let Ok((total, _)) = self.link.coordinate_pipe::<(u64, i64)>(&pipe).await {
                 return (total, left);
             }
         }

@@ -37,10 +37,11 @@ return {3}
 /// Stores `ARGV[2]` at the value `KEYS[2]` for `ARGV[3]` ms and publishes on
 /// `ARGV[4]`, unless another token holds the lock `KEYS[1]`: a paid answer is
 /// kept even when its lock expired or vanished with a restarted Redis. Without
-/// its lock, it never replaces an answer that is already there (another
-/// leader's, which keeps its own lifetime), unless that answer is this very
-/// payload: an earlier attempt of the same fill whose reply was lost.
-/// Deletes the lock when it was ours.
+/// its lock, it never replaces a success that is already there (another
+/// leader's, which keeps its own lifetime; `ARGV[5]` is how every stored
+/// success begins), but it does replace a remembered error; and it
+/// recognises its own payload, stored by an earlier attempt whose reply was
+/// lost. Deletes the lock when it was ours.
 ///
 /// Replies 1 (stored, the lock was ours), 2 (stored, the lock was gone),
 /// 3 (already stored by an earlier attempt) or 0 (skipped: another holder,
@@ -55,7 +56,7 @@ if not holder then
   if existing == ARGV[2] then
     return 3
   end
-  if existing then
+  if existing and string.sub(existing, 1, string.len(ARGV[5])) == ARGV[5] then
     return 0
   end
 end
@@ -168,6 +169,7 @@ pub(super) fn settle(
             payload,
             ttl.as_millis().max(1).to_string().as_bytes(),
             layout.done_channel(key).as_bytes(),
+            super::store::VALUE_PREFIX,
         ],
     )
 }
@@ -183,6 +185,16 @@ pub(super) fn parse_settle_reply(reply: i64) -> SettleReply {
 
 pub(super) fn release(layout: &KeyLayout, key: &CacheKey, token: &str) -> Cmd {
     eval(DELETE_IF, &[&layout.lock(key)], &[token.as_bytes()])
+}
+
+/// Writes `probe_key` for a second: whether Redis runs the scripts and
+/// writes that coordination needs.
+pub(super) fn probe(probe_key: &str) -> Cmd {
+    eval(
+        "return redis.call('set', KEYS[1], '1', 'PX', 1000)",
+        &[probe_key],
+        &[],
+    )
 }
 
 /// Deletes the value of `key` if it still is `payload` (an unreadable one).
@@ -212,7 +224,7 @@ pub(super) fn spawn_renewal(
         let mut every = tokio::time::interval_at(tokio::time::Instant::now() + ttl / 3, ttl / 3);
         loop {
             every.tick().await;
-            match link.query::<i64>(&command).await {
+            match link.coordinate::<i64>(&command).await {
                 Ok(1) => {}
                 Ok(_) => {
                     tracing::warn!(key = %short, "lost the lock during the BI call; another instance may call the BI too");

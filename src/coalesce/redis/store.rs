@@ -19,6 +19,10 @@ enum Stored {
     Error { error: AnswerError },
 }
 
+/// How every stored success begins (serde writes the tag first): the settle
+/// script tells successes from errors by it.
+pub(super) const VALUE_PREFIX: &[u8] = br#"{"kind":"value","#;
+
 pub(super) fn encode_value(entry: &Entry) -> Vec<u8> {
     serde_json::to_vec(&Stored::Value(entry.to_stored())).unwrap_or_default()
 }
@@ -44,6 +48,14 @@ pub(super) fn decode(bytes: &[u8], time_left: Duration) -> Result<Cached, serde_
 mod tests {
     use super::*;
     use crate::cache::AnswerErrorKind;
+
+    #[test]
+    fn successes_and_only_successes_begin_with_the_value_prefix() {
+        let entry = Entry::new(Vec::new(), Duration::from_secs(1), "gw", 10);
+        assert!(encode_value(&entry).starts_with(VALUE_PREFIX));
+        let error = AnswerError::unavailable("down");
+        assert!(!encode_error(&error).starts_with(VALUE_PREFIX));
+    }
 
     #[test]
     fn values_and_errors_come_back_with_the_lifetime_they_are_read_with() {

@@ -116,11 +116,14 @@ impl Subscriptions {
         watch
     }
 
-    fn is_wanted(&self, hash: &str) -> bool {
+    /// The channels `hash` is waited on through now (none: not waited on).
+    fn channels_of(&self, hash: &str) -> Vec<String> {
         self.by_key
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(hash)
+            .get(hash)
+            .map(|watched| watched.channels.clone())
+            .unwrap_or_default()
     }
 
     fn wanted_channels(&self) -> Vec<String> {
@@ -206,7 +209,12 @@ impl Subscriptions {
                             subscribed.extend(channels);
                         }
                         Some(Op::Unsubscribe { hash, channels }) => {
-                            if self.is_wanted(&hash) {
+                            // The key may be waited on again meanwhile,
+                            // perhaps through fewer channels.
+                            let still = self.channels_of(&hash);
+                            let channels: Vec<String> =
+                                channels.into_iter().filter(|c| !still.contains(c)).collect();
+                            if channels.is_empty() {
                                 continue;
                             }
                             let reply = tokio::time::timeout(timeout, conn.unsubscribe(&channels)).await;

@@ -1,5 +1,7 @@
-//! Second hostile review (of 9496800 and what followed): failing tests, one
-//! per defect. Each documents the interleaving it reproduces.
+//! A Redis that refuses what coordination needs, and answers produced
+//! without coordination: Redis is down until it runs a script that writes,
+//! notifications are checked again when it comes back, a paid answer
+//! replaces a remembered error, and a degraded answer stays marked.
 
 use std::time::Duration;
 
@@ -47,15 +49,11 @@ async fn wait_for_ready_field(env: &TestEnv, field: &str, value: &str, limit: Du
     .await;
 }
 
-/// Redis refuses writes for a lock lifetime (`refusing` is set, the pinger
-/// stores `keyspace_notifications = false` while down), then accepts them
-/// again: the pinger's probe clears `refusing`, and on that same iteration
-/// `was_up` becomes true, so no later iteration takes the `!was_up` branch
-/// that calls `ensure_notifications` (health.rs `watch_health`): the flag
-/// stays false for good (no restart, and the subscriber never reconnected:
-/// its PINGs were answered all along). Every waiter polls from then on and
-/// `/readyz` says `polling`, although Redis has had notifications on all
-/// along.
+/// Redis refuses writes for longer than a lock lifetime (the gateway goes
+/// down and forgets whether notifications are on), then accepts them again:
+/// the probe that ends the refusal is followed by a check of the
+/// notifications, so `/readyz` says `keyspace` again within seconds and
+/// waiters are woken by notifications, not by polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notifications_are_checked_again_after_redis_refused_writes() {
     let redis = RedisServer::start(&[]).await;
@@ -115,14 +113,12 @@ async fn notifications_are_checked_again_after_redis_refused_writes() {
     );
 }
 
-/// A Redis that refuses only scripts (here `ACL SETUSER default -eval`; a
-/// hardened `rename-command EVAL ""` or a proxy without EVAL alike) answers
-/// every lock with an error: after a lock lifetime `refusing` is set, but the
-/// pinger's probe is a plain `SET`, which succeeds, so `refusing` is cleared
-/// within one ping period. Redis looks up again, and the next miss retries
-/// its EVAL pipeline for a whole lock lifetime before it is answered
-/// degraded: every miss pays `REDIS_DOWN_AFTER_MS`, and `/readyz` flaps to
-/// `up` while no lock can ever be taken.
+/// A Redis that refuses only scripts (`ACL SETUSER default -eval`; a
+/// hardened `rename-command EVAL ""` alike) cannot be coordinated through:
+/// once it has refused the locks for a lock lifetime it stays down, because
+/// the pinger's probe is a script that writes, so `/readyz` says `down` and
+/// the next miss is answered degraded at once, not after another lock
+/// lifetime of refused retries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_that_refuses_scripts_stays_down() {
     let redis = RedisServer::start(&[]).await;
@@ -174,15 +170,12 @@ async fn a_redis_that_refuses_scripts_stays_down() {
     );
 }
 
-/// SETTLE without its lock skips on *any* value already there, an error
-/// included. gw-0 leads a panel; its Redis link pauses, its lock expires; gw-1
-/// takes the key over and its BI call fails (500): gw-1 stores the error
-/// (5 s). gw-0's paid call succeeds; its fill finds the lock gone and the
-/// error there, and returns 0 (Skipped): the paid rows are thrown away
-/// although no other token holds the lock (invariant 5: "skips only when
-/// another token holds it"; invariant 6 only protects successes). Everybody,
-/// gw-0 included, gets BI_ERROR for the negative-cache time, then the BI is
-/// asked a third time.
+/// A paid answer is never thrown away for a remembered error: gw-0 leads a
+/// panel; its Redis link pauses and its lock expires; gw-1 takes the key
+/// over and its BI call fails (500), so gw-1 stores the error. gw-0's call
+/// succeeds; its fill finds the lock gone and an error (not another
+/// leader's success) there, and stores the rows, which every instance,
+/// gw-1 included, answers from then on, with no third BI call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paid_answer_replaces_an_error_stored_without_the_lock() {
     let redis = RedisServer::start(&["--notify-keyspace-events", "KA"]).await;
@@ -252,13 +245,9 @@ async fn a_paid_answer_replaces_an_error_stored_without_the_lock() {
     assert_eq!(after["data"]["aggregate"]["rows"], expected, "{after}");
 }
 
-/// Redis is unreachable: the first request is produced without coordination
-/// and says so (MISS, degraded). The second, identical one is served from the
-/// copy in process memory (`peek` → `answer_from_cache`, `degraded: false`):
-/// the same uncoordinated answer, now a HIT without the marker, against
-/// ARCHITECTURE.md's "the marker travels with the answer, so a degraded
-/// answer always says so". (Likewise an uncoordinated answer stored into
-/// Redis when it comes back is served by every instance as a plain HIT.)
+/// An answer produced without coordination (Redis unreachable) says so every
+/// time it is served: the first request is a degraded MISS, the identical
+/// second one a HIT from process memory, degraded too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_uncoordinated_answer_served_again_still_says_degraded() {
     let env = TestEnv::start(
