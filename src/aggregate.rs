@@ -1,5 +1,6 @@
 //! The heart of the gateway: from planned queries to answers, with as few BI
-//! calls as possible.
+//! calls as possible, and an entry's life cycle: fresh, then stale (served
+//! while one refresh runs), then gone.
 //!
 //! For one dataloader batch, [`Aggregator::resolve`]:
 //! 1. joins the in-process flight of every key, or starts it (no store access);
@@ -9,8 +10,17 @@
 //!    for the keys won (batched by Cube's blending rules), wait for each key
 //!    lost on its own, and try again the keys whose holder went away;
 //! 3. waits for every flight, each until the request's deadline.
+//!
+//! An entry found stale (its fresh time over, or an invalidation after it)
+//! is served at once, flagged stale, and causes one background refresh of
+//! its key ([`Aggregator::refresh`]): the same protocol, in flights of their
+//! own that no request waits on, replacing exactly that entry. A hot entry
+//! (read more than once in its fresh time) is refreshed a little before it
+//! turns stale, earlier the longer its BI call took (XFetch, Vattani et al.,
+//! VLDB 2015), within a per-instance budget.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,12 +32,13 @@ use tracing::Instrument;
 
 use crate::bi::protocol::CubeQuery;
 use crate::bi::{BiAnswer, BiClient, BiError};
-use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, unix_micros};
+use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, Lifetime, unix_micros};
 use crate::coalesce::{
-    Coordinator, Decision, FlightLead, Flights, Joined, Lease, Origin, Resolved, Waited,
+    Coordinator, Decision, FlightLead, Flights, Invalidations, Joined, Lease, Origin, Resolved,
+    Verdict, Waited, Want,
 };
-use crate::query::{CacheKey, Granularity, PlannedQuery};
-use crate::telemetry::names;
+use crate::query::{AnswerScope, CacheKey, Granularity, PlannedQuery};
+use crate::telemetry::{self, names};
 
 /// How an answer was obtained, as `cache { status }` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, async_graphql::Enum)]
@@ -55,6 +66,9 @@ impl CacheStatus {
 pub struct Answer {
     pub entry: Arc<Entry>,
     pub status: CacheStatus,
+    /// Served past its fresh time (or after an invalidation) while one
+    /// refresh runs.
+    pub stale: bool,
     /// Its entry was produced without cross-instance coordination (Redis
     /// unreachable): the response says it is degraded.
     pub degraded: bool,
@@ -65,16 +79,69 @@ pub type AnswerResult = Result<Answer, AnswerError>;
 /// Settings the aggregator needs beyond its collaborators.
 #[derive(Debug, Clone)]
 pub struct AggregatorSettings {
-    pub ttl: Duration,
+    pub lifetime: Lifetime,
     pub negative_ttl: Duration,
     pub max_batch_size: usize,
     pub instance_id: String,
     pub row_limit: u32,
+    pub refresh: RefreshSettings,
+}
+
+/// When entries are refreshed before anyone needs them.
+#[derive(Debug, Clone)]
+pub struct RefreshSettings {
+    /// Reads of an entry's in-process copy, during its fresh time, that make
+    /// it hot (refreshed ahead of its fresh time's end).
+    pub ahead_min_reads: u32,
+    /// Refreshes ahead of time this instance starts per minute, at most;
+    /// past it, keys are left to stale-while-revalidate.
+    pub ahead_per_minute: u32,
+    /// How long a refresh may keep trying Redis (it belongs to no request).
+    pub timeout: Duration,
+}
+
+/// What made a refresh start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshTrigger {
+    /// A read found the entry past its fresh time.
+    Stale,
+    /// A hot entry's fresh time is nearly over.
+    Ahead,
+    /// A read found the entry invalidated.
+    Invalidation,
+}
+
+impl RefreshTrigger {
+    pub fn label(self) -> &'static str {
+        match self {
+            RefreshTrigger::Stale => "stale",
+            RefreshTrigger::Ahead => "ahead",
+            RefreshTrigger::Invalidation => "invalidation",
+        }
+    }
+}
+
+/// How an entry may be served now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Freshness {
+    Fresh,
+    /// Servable, flagged stale, while a refresh runs.
+    Stale(RefreshTrigger),
+    /// Not servable: evicted by an invalidation.
+    Gone,
 }
 
 pub struct Aggregator {
     coordinator: Arc<dyn Coordinator>,
+    invalidations: Arc<Invalidations>,
     flights: Arc<Flights>,
+    /// Refreshes under way, by key: no request waits on them.
+    refreshes: Arc<Flights>,
+    /// Keys whose last refresh failed: not tried again while the failure is
+    /// remembered (the stale entry is served meanwhile).
+    refresh_failed: moka::sync::Cache<CacheKey, ()>,
+    /// Refreshes ahead of time started in the current minute.
+    ahead_budget: Mutex<(u64, u32)>,
     bi: BiClient,
     settings: AggregatorSettings,
     /// Until when this process calls the BI no more (its last 429): checked
@@ -88,14 +155,21 @@ struct Production {
     query: PlannedQuery,
     flight: FlightLead,
     lease: Lease,
+    /// What made it a refresh, when it is one.
+    refresh: Option<RefreshTrigger>,
 }
 
 /// A key the producing task has yet to settle.
 struct Pending {
     query: PlannedQuery,
     flight: FlightLead,
+    /// The entry to replace (a refresh, or an evicted entry found).
+    replaces: Option<String>,
     /// Tried before and lost to a holder that went away since.
     takeover: bool,
+    /// A background refresh: never waits for another holder, and is not
+    /// answered to any request.
+    refresh: Option<RefreshTrigger>,
 }
 
 /// Holders of several keys (one batch of theirs) go away together: waits
@@ -109,8 +183,15 @@ impl Aggregator {
         settings: AggregatorSettings,
     ) -> Arc<Aggregator> {
         Arc::new(Aggregator {
+            invalidations: Arc::clone(coordinator.invalidations()),
             coordinator,
             flights: Arc::new(Flights::default()),
+            refreshes: Arc::new(Flights::default()),
+            refresh_failed: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            ahead_budget: Mutex::new((0, 0)),
             bi,
             settings,
             cooldown: Mutex::new(None),
@@ -118,8 +199,29 @@ impl Aggregator {
     }
 
     /// The answer for `query` if process memory has it: no I/O, no waiting.
-    pub fn peek(&self, query: &PlannedQuery) -> Option<AnswerResult> {
-        let answer = answer_from_cache(self.coordinator.peek(&query.key)?);
+    /// A stale entry is answered (and its refresh started); an evicted one
+    /// is not an answer.
+    pub fn peek(self: &Arc<Self>, query: &PlannedQuery) -> Option<AnswerResult> {
+        let answer = match self.coordinator.peek(&query.key)? {
+            Cached::Value(entry) => {
+                let stale = match self.freshness(&entry, &query.scope) {
+                    Freshness::Gone => return None,
+                    Freshness::Fresh => {
+                        self.consider_refreshing_ahead(query, &entry);
+                        false
+                    }
+                    Freshness::Stale(trigger) => {
+                        self.refresh(query, &entry, trigger);
+                        true
+                    }
+                };
+                Ok(hit(entry, stale))
+            }
+            Cached::Error(negative) => {
+                metrics::counter!(names::NEGATIVE_CACHE_HITS).increment(1);
+                Err(negative.error.clone())
+            }
+        };
         count_answer(&answer);
         Some(answer)
     }
@@ -137,7 +239,13 @@ impl Aggregator {
         for query in queries {
             match self.flights.join(&query.key, deadline) {
                 Joined::Lead(lead, watch) => {
-                    to_lead.push((query.clone(), lead));
+                    to_lead.push(Pending {
+                        query: query.clone(),
+                        flight: lead,
+                        replaces: None,
+                        takeover: false,
+                        refresh: None,
+                    });
                     waits.push((query.key.clone(), watch, true));
                 }
                 Joined::Follow(watch) => waits.push((query.key.clone(), watch, false)),
@@ -177,8 +285,12 @@ impl Aggregator {
                 if status == CacheStatus::Coalesced {
                     record_wake(&resolved);
                 }
+                if resolved.stale {
+                    metrics::counter!(names::STALE_SERVES).increment(1);
+                }
                 Answer {
                     degraded: resolved.entry.uncoordinated,
+                    stale: resolved.stale,
                     entry: resolved.entry,
                     status,
                 }
@@ -191,6 +303,88 @@ impl Aggregator {
         answers
     }
 
+    /// How `entry` may be served now.
+    fn freshness(&self, entry: &Entry, scope: &AnswerScope) -> Freshness {
+        let stale_allowed = !self.settings.lifetime.stale.is_zero();
+        match self.invalidations.verdict(entry.generation, scope) {
+            Verdict::Evicted => Freshness::Gone,
+            Verdict::Stale if stale_allowed => Freshness::Stale(RefreshTrigger::Invalidation),
+            Verdict::Stale => Freshness::Gone,
+            Verdict::Untouched if entry.is_fresh() => Freshness::Fresh,
+            Verdict::Untouched if stale_allowed => Freshness::Stale(RefreshTrigger::Stale),
+            Verdict::Untouched => Freshness::Gone,
+        }
+    }
+
+    /// Counts a read of a fresh entry and, if it is hot and its fresh time
+    /// nearly over, refreshes it ahead: with XFetch's probability, which
+    /// spreads the instances' refreshes out (the first one wins, the others
+    /// find its entry), within the budget.
+    fn consider_refreshing_ahead(self: &Arc<Self>, query: &PlannedQuery, entry: &Entry) {
+        let reads = entry.reads.fetch_add(1, Ordering::Relaxed) + 1;
+        if reads < self.settings.refresh.ahead_min_reads {
+            return;
+        }
+        let left = entry.fresh_left();
+        let delta = entry.compute.max(Duration::from_millis(1));
+        // -ln(U) is past 20 with a probability of 2e-9: nothing to draw.
+        if left > delta * 20 {
+            return;
+        }
+        let early = delta.mul_f64(-fastrand::f64().max(f64::MIN_POSITIVE).ln());
+        if early >= left && self.take_ahead_budget() {
+            self.refresh(query, entry, RefreshTrigger::Ahead);
+        }
+    }
+
+    fn take_ahead_budget(&self) -> bool {
+        let minute = crate::cache::unix_millis() / 60_000;
+        let mut budget = self.ahead_budget.lock().unwrap_or_else(|p| p.into_inner());
+        if budget.0 != minute {
+            *budget = (minute, 0);
+        }
+        if budget.1 >= self.settings.refresh.ahead_per_minute {
+            metrics::counter!(names::REFRESHES, "trigger" => "ahead", "outcome" => "over_budget")
+                .increment(1);
+            return false;
+        }
+        budget.1 += 1;
+        true
+    }
+
+    /// Starts one background refresh of `query`'s key, replacing `entry`,
+    /// unless one is under way in this process or the last one failed
+    /// moments ago. Across instances, the store's lock makes it one.
+    fn refresh(self: &Arc<Self>, query: &PlannedQuery, entry: &Entry, trigger: RefreshTrigger) {
+        if self.refresh_failed.contains_key(&query.key) {
+            return;
+        }
+        let deadline = Instant::now() + self.settings.refresh.timeout;
+        let Joined::Lead(lead, _) = self.refreshes.join(&query.key, deadline) else {
+            return;
+        };
+        // Its own trace, linked from the request that caused it: a refresh
+        // belongs to no request.
+        let span = tracing::info_span!(
+            parent: None,
+            "cache.refresh",
+            cache.key = query.key.short(),
+            trigger = trigger.label(),
+        );
+        if let Some((trace_id, span_id)) = telemetry::span_ids(&span) {
+            telemetry::link_to(&tracing::Span::current(), &trace_id, &span_id);
+        }
+        let pending = vec![Pending {
+            query: query.clone(),
+            flight: lead,
+            replaces: Some(entry.id.clone()),
+            takeover: false,
+            refresh: Some(trigger),
+        }];
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.produce(pending).await }.instrument(span));
+    }
+
     /// The coalescing protocol for the flights this process leads: **try,
     /// then call, then wait.** Every key is looked up and its lock tried at
     /// once (one round trip: a key already in the store is a hit); the BI is
@@ -198,15 +392,8 @@ impl Aggregator {
     /// itself, and when its holder goes away without an answer it is tried
     /// again in a follow-up round. No lock is held while waiting for
     /// anything but its own BI call.
-    async fn produce(self: Arc<Self>, leads: Vec<(PlannedQuery, FlightLead)>) {
-        let mut pending: Vec<Pending> = leads
-            .into_iter()
-            .map(|(query, flight)| Pending {
-                query,
-                flight,
-                takeover: false,
-            })
-            .collect();
+    async fn produce(self: Arc<Self>, leads: Vec<Pending>) {
+        let mut pending = leads;
         // Three kinds of work, all under way at once: tries for the lead
         // (one round trip each), BI batches (spawned: no request owns them),
         // and waits for other holders, one per key.
@@ -238,15 +425,17 @@ impl Aggregator {
                                     query: key.query,
                                     flight: key.flight,
                                     lease,
+                                    refresh: key.refresh,
                                 });
                             }
                             Decision::Settled(cached) => {
-                                let origin = if key.takeover {
-                                    Origin::Waited
-                                } else {
-                                    Origin::Found
-                                };
-                                key.flight.complete(resolved(cached, origin));
+                                if let Some(again) = self.settle_found(key, cached) {
+                                    pending.push(again);
+                                }
+                            }
+                            Decision::Busy if key.refresh.is_some() => {
+                                // Another instance is refreshing it.
+                                count_refresh(&key, "elsewhere");
                             }
                             Decision::Busy => waits.push(self.wait_for(key).boxed()),
                             Decision::Failed(error) => key.flight.complete(Err(error)),
@@ -279,14 +468,67 @@ impl Aggregator {
 
     /// One try for the lead of every key in `round` (a lookup too).
     async fn try_round(&self, round: Vec<Pending>) -> Vec<(Pending, Decision)> {
-        let keys: Vec<CacheKey> = round.iter().map(|p| p.query.key.clone()).collect();
+        let wants: Vec<Want> = round
+            .iter()
+            .map(|p| Want {
+                key: p.query.key.clone(),
+                replaces: p.replaces.clone(),
+            })
+            .collect();
         let deadline = round
             .iter()
             .map(|p| p.flight.deadline().get())
             .max()
             .unwrap_or_else(Instant::now);
-        let decisions = self.coordinator.try_lead(&keys, deadline).await;
+        let decisions = self.coordinator.try_lead(&wants, deadline).await;
         round.into_iter().zip(decisions).collect()
+    }
+
+    /// Completes `key`'s flight with what the store had; gives the key back
+    /// when that is an evicted entry (it must be produced again).
+    fn settle_found(self: &Arc<Self>, key: Pending, cached: Cached) -> Option<Pending> {
+        let origin = if key.takeover {
+            Origin::Waited
+        } else {
+            Origin::Found
+        };
+        let entry = match cached {
+            Cached::Error(negative) => {
+                if key.refresh.is_some() {
+                    // The last try failed moments ago: the stale entry
+                    // stays served while the failure is remembered.
+                    self.refresh_failed.insert(key.query.key.clone(), ());
+                    count_refresh(&key, "remembered_error");
+                }
+                key.flight.complete(Err(negative.error.clone()));
+                return None;
+            }
+            Cached::Value(entry) => entry,
+        };
+        if key.refresh.is_some() {
+            // Somebody else refreshed it already.
+            count_refresh(&key, "elsewhere");
+            key.flight.complete(Ok(Resolved::new(entry, origin)));
+            return None;
+        }
+        match self.freshness(&entry, &key.query.scope) {
+            Freshness::Fresh => {
+                key.flight.complete(Ok(Resolved::new(entry, origin)));
+                None
+            }
+            Freshness::Stale(trigger) => {
+                self.refresh(&key.query, &entry, trigger);
+                key.flight.complete(Ok(Resolved {
+                    stale: true,
+                    ..Resolved::new(entry, origin)
+                }));
+                None
+            }
+            Freshness::Gone => Some(Pending {
+                replaces: Some(entry.id.clone()),
+                ..key
+            }),
+        }
     }
 
     /// Waits for the holder of `key`'s lock; gives the key back when the
@@ -298,7 +540,10 @@ impl Aggregator {
             .await
         {
             Waited::Settled(cached) => {
-                key.flight.complete(resolved(cached, Origin::Waited));
+                key.flight.complete(match cached {
+                    Cached::Value(entry) => Ok(Resolved::new(entry, Origin::Waited)),
+                    Cached::Error(negative) => Err(negative.error.clone()),
+                });
                 None
             }
             Waited::HolderGone => Some(Pending {
@@ -327,14 +572,16 @@ impl Aggregator {
             .await;
             return;
         }
+        let started = Instant::now();
         match self.call_bi(&batch).await {
-            Ok(answer) => self.settle_rows(batch, answer).await,
+            Ok(answer) => self.settle_rows(batch, answer, started.elapsed()).await,
             Err(err) if batch.len() > 1 && err.is_about_the_queries() => {
                 tracing::info!(error = %err, queries = batch.len(), "BI rejected a batch; asking its queries one by one");
                 join_all(batch.into_iter().map(|production| async {
                     let single = vec![production];
+                    let started = Instant::now();
                     match self.call_bi(&single).await {
-                        Ok(answer) => self.settle_rows(single, answer).await,
+                        Ok(answer) => self.settle_rows(single, answer, started.elapsed()).await,
                         Err(err) => self.settle_bi_error(single, &err).await,
                     }
                 }))
@@ -356,7 +603,7 @@ impl Aggregator {
             .filter(|left| !left.is_zero())
     }
 
-    async fn settle_rows(&self, batch: Vec<Production>, answer: BiAnswer) {
+    async fn settle_rows(&self, batch: Vec<Production>, answer: BiAnswer, took: Duration) {
         let call = answer.call;
         let stores = batch
             .into_iter()
@@ -365,20 +612,20 @@ impl Aggregator {
                 let entry = Arc::new(
                     Entry::new(
                         rows,
-                        self.settings.ttl,
+                        self.settings.lifetime,
                         &self.settings.instance_id,
                         self.settings.row_limit,
                     )
                     .produced_by_call(call.as_ref())
-                    .uncoordinated(production.lease.is_degraded()),
+                    .uncoordinated(production.lease.is_degraded())
+                    .made(took, production.lease.generation),
                 );
-                let resolved = Resolved {
-                    entry: Arc::clone(&entry),
-                    origin: Origin::Produced,
-                };
-                // Store first, then wake: a request that arrives after the flight
-                // ends (or a client that asks another instance next) must find the
-                // answer in the store. The keys of a batch are stored side by side.
+                let resolved = Resolved::new(Arc::clone(&entry), Origin::Produced);
+                count_refreshed(production.refresh, "ok");
+                // Store first, then wake: a request that arrives after the
+                // flight ends (or a client that asks another instance next)
+                // must find the answer in the store. The keys of a batch are
+                // stored side by side.
                 async move {
                     self.coordinator.fill(production.lease, entry).await;
                     production.flight.complete(Ok(resolved));
@@ -397,6 +644,13 @@ impl Aggregator {
             *self.cooldown.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Instant::now() + period);
             self.coordinator.cool_down(period).await;
+        }
+        for production in &batch {
+            if production.refresh.is_some() {
+                // The stale entry stays served while the failure is remembered.
+                self.refresh_failed.insert(production.query.key.clone(), ());
+                count_refreshed(production.refresh, "error");
+            }
         }
         self.settle_error(batch, error).await;
     }
@@ -435,10 +689,29 @@ pub fn answer_error(err: &BiError) -> AnswerError {
     }
 }
 
-fn resolved(cached: Cached, origin: Origin) -> Result<Resolved, AnswerError> {
-    match cached {
-        Cached::Value(entry) => Ok(Resolved { entry, origin }),
-        Cached::Error(negative) => Err(negative.error.clone()),
+fn hit(entry: Arc<Entry>, stale: bool) -> Answer {
+    if stale {
+        metrics::counter!(names::STALE_SERVES).increment(1);
+    }
+    Answer {
+        degraded: entry.uncoordinated,
+        entry,
+        status: CacheStatus::Hit,
+        stale,
+    }
+}
+
+fn count_refresh(key: &Pending, outcome: &'static str) {
+    count_refreshed(key.refresh, outcome);
+}
+
+/// Counts how a refresh ended: `ok` (its BI call), `error` (its BI call
+/// failed), `elsewhere` (another instance refreshed, or is refreshing),
+/// `remembered_error` (a failure is remembered), `over_budget`.
+fn count_refreshed(refresh: Option<RefreshTrigger>, outcome: &'static str) {
+    if let Some(trigger) = refresh {
+        metrics::counter!(names::REFRESHES, "trigger" => trigger.label(), "outcome" => outcome)
+            .increment(1);
     }
 }
 
@@ -461,20 +734,6 @@ fn count_answer(answer: &AnswerResult) {
         Err(_) => "error",
     };
     metrics::counter!(names::CACHE_LOOKUPS, "status" => label).increment(1);
-}
-
-fn answer_from_cache(cached: Cached) -> AnswerResult {
-    match cached {
-        Cached::Value(entry) => Ok(Answer {
-            degraded: entry.uncoordinated,
-            entry,
-            status: CacheStatus::Hit,
-        }),
-        Cached::Error(negative) => {
-            metrics::counter!(names::NEGATIVE_CACHE_HITS).increment(1);
-            Err(negative.error.clone())
-        }
-    }
 }
 
 /// Splits productions into BI calls as Cube's blending rules allow: queries

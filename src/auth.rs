@@ -72,6 +72,23 @@ impl Identity {
         }
     }
 
+    /// What this identity may see, as a string: equal for identities that
+    /// see the same answers (for `ETag`s, so no answer leaks to a caller
+    /// allowed other customers through a shared cache).
+    pub fn scope_fingerprint(&self) -> String {
+        match self {
+            Identity::Open => "open".to_owned(),
+            Identity::Authenticated(caller) => match &caller.customers {
+                Customers::All => "customers:*".to_owned(),
+                Customers::Only(allowed) => {
+                    let allowed: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                    format!("customers:{}", sha256_hex(&allowed.join("\n")))
+                }
+            },
+            Identity::Unauthenticated(_) => "unauthenticated".to_owned(),
+        }
+    }
+
     /// The quota of this identity, with the name it is counted under.
     pub fn quota(&self) -> Option<(&str, u64)> {
         match self {

@@ -66,6 +66,31 @@ pub struct Cli {
     #[arg(long, env = "CACHE_TTL_SECS", default_value_t = 300)]
     pub cache_ttl_secs: u64,
 
+    /// After an entry's fresh time ends, how long it may still be served
+    /// (flagged stale) while one refresh runs; 0 turns this off.
+    #[arg(long, env = "CACHE_STALE_SECS", default_value_t = 60)]
+    pub cache_stale_secs: u64,
+
+    /// Reads of an entry during its fresh time (in one instance) that make it
+    /// hot: refreshed a little before it turns stale.
+    #[arg(long, env = "REFRESH_AHEAD_MIN_HITS", default_value_t = 2)]
+    pub refresh_ahead_min_hits: u32,
+
+    /// Most refreshes ahead of time one instance starts per minute; past it,
+    /// keys are left to stale-while-revalidate.
+    #[arg(long, env = "REFRESH_MAX_PER_MINUTE", default_value_t = 600)]
+    pub refresh_max_per_minute: u32,
+
+    /// Bearer token of the `/admin/*` routes (cache invalidation); unset
+    /// means those routes answer 404.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Most documents of automatic persisted queries kept in process memory
+    /// (with Redis, they are shared there too, for a day).
+    #[arg(long, env = "PERSISTED_QUERIES_MAX", default_value_t = 10_000)]
+    pub persisted_queries_max: u64,
+
     /// How long a failed BI answer is remembered, so waiters share it and the BI is not hammered.
     #[arg(long, env = "NEGATIVE_CACHE_SECS", default_value_t = 5)]
     pub negative_cache_secs: u64,
@@ -293,6 +318,8 @@ pub struct Config {
     pub shutdown_drain: Duration,
     pub instance_id: String,
     pub telemetry: TelemetrySettings,
+    /// The bearer token of `/admin/*`; `None`: those routes answer 404.
+    pub admin_token: Option<AdminToken>,
     /// Added to the wall clock (tests only; see `Cli::clock_offset_ms`).
     pub clock_offset_ms: i64,
 }
@@ -383,7 +410,12 @@ pub struct PlannerSettings {
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
     pub ttl: Duration,
+    /// How long an entry may be served stale after its fresh time (0: never).
+    pub stale: Duration,
     pub negative_ttl: Duration,
+    pub refresh_ahead_min_hits: u32,
+    pub refresh_max_per_minute: u32,
+    pub persisted_queries_max: u64,
     pub memory_max_bytes: u64,
     pub namespace: String,
 }
@@ -401,6 +433,16 @@ pub struct GraphqlLimits {
     pub allow_batched_requests: bool,
     /// Lower-case header names; `None` turns CSRF prevention off.
     pub csrf_required_headers: Option<Vec<String>>,
+}
+
+/// The bearer token of the admin routes; it never reaches a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 /// Who may ask; `None` in [`Config::auth`] means everyone (with a warning at start).
@@ -633,6 +675,10 @@ impl Config {
             },
             cache: CacheSettings {
                 ttl: Duration::from_secs(cli.cache_ttl_secs),
+                stale: Duration::from_secs(cli.cache_stale_secs),
+                refresh_ahead_min_hits: cli.refresh_ahead_min_hits.max(1),
+                refresh_max_per_minute: cli.refresh_max_per_minute,
+                persisted_queries_max: cli.persisted_queries_max.max(1),
                 negative_ttl: Duration::from_secs(cli.negative_cache_secs),
                 memory_max_bytes: cli.memory_cache_max_mb.saturating_mul(1024 * 1024),
                 namespace: namespace.to_owned(),
@@ -670,6 +716,10 @@ impl Config {
                 service_name: cli.otel_service_name,
                 trace_customer_ids: cli.trace_customer_ids,
             },
+            admin_token: cli
+                .admin_token
+                .filter(|t| !t.trim().is_empty())
+                .map(AdminToken),
             clock_offset_ms: cli.clock_offset_ms,
         })
     }

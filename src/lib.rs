@@ -36,9 +36,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::aggregate::{Aggregator, AggregatorSettings};
+use crate::aggregate::{Aggregator, AggregatorSettings, RefreshSettings};
 use crate::auth::Authenticator;
 use crate::bi::{BiClient, BiError, BiSettings};
+use crate::cache::Lifetime;
 use crate::catalog::CatalogStore;
 use crate::coalesce::{Backend, LocalCoordinator, RedisCoordinator, RedisSettings};
 use crate::config::{BiTarget, Config, Coordination};
@@ -145,7 +146,7 @@ pub async fn run(
                 local_cache: options.local_cache,
                 memory_max_bytes: config.cache.memory_max_bytes,
                 negative_ttl: config.cache.negative_ttl,
-                value_ttl: config.cache.ttl,
+                value_ttl: config.cache.ttl + config.cache.stale,
                 instance_id: config.instance_id.clone(),
             })
             .await
@@ -157,11 +158,19 @@ pub async fn run(
         backend.coordinator,
         bi.clone(),
         AggregatorSettings {
-            ttl: config.cache.ttl,
+            lifetime: Lifetime {
+                fresh: config.cache.ttl,
+                stale: config.cache.stale,
+            },
             negative_ttl: config.cache.negative_ttl,
             max_batch_size: config.bi_client.max_batch_size,
             instance_id: config.instance_id.clone(),
             row_limit: config.planner.row_limit,
+            refresh: RefreshSettings {
+                ahead_min_reads: config.cache.refresh_ahead_min_hits,
+                ahead_per_minute: config.cache.refresh_max_per_minute,
+                timeout: config.request_timeout,
+            },
         },
     );
 
@@ -218,6 +227,12 @@ pub async fn run(
         aggregator,
         counters: backend.counters,
         store_health: backend.health,
+        invalidator: backend.invalidator,
+        admin_token: config.admin_token.clone(),
+        persisted_queries: http::PersistedQueries::new(
+            config.cache.persisted_queries_max,
+            backend.documents,
+        ),
         metrics,
         request_timeout: config.request_timeout,
         instance_id: config.instance_id.as_str().into(),

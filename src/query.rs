@@ -314,6 +314,16 @@ pub struct PlannedQuery {
     pub key: CacheKey,
     pub cube: Arc<CubeQuery>,
     pub granularity: Option<Granularity>,
+    /// Whose data and which cubes the answer is made of: what an
+    /// invalidation by customer or by cube reaches.
+    pub scope: Arc<AnswerScope>,
+}
+
+/// The customer and the cubes (sorted, once each) one answer is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerScope {
+    pub customer: String,
+    pub cubes: Vec<String>,
 }
 
 impl PartialEq for PlannedQuery {
@@ -376,10 +386,23 @@ impl Planner {
         hasher.update(&canonical);
         let digest = hasher.finalize();
         let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        let mut cubes: Vec<String> = cube
+            .measures
+            .iter()
+            .chain(&cube.dimensions)
+            .chain(std::iter::once(&self.settings.time_dimension))
+            .filter_map(|member| member.split_once('.').map(|(cube, _)| cube.to_owned()))
+            .collect();
+        cubes.sort_unstable();
+        cubes.dedup();
         PlannedQuery {
             key: CacheKey(hex.into()),
             cube: Arc::new(cube),
             granularity: query.granularity,
+            scope: Arc::new(AnswerScope {
+                customer: query.customer.clone(),
+                cubes,
+            }),
         }
     }
 }

@@ -50,6 +50,9 @@ pub mod names {
     pub const PUBSUB_CHANNELS: &str = "analytics_gateway_redis_pubsub_channels";
     pub const REDIS_COMMAND_FAILURES: &str = "analytics_gateway_redis_command_failures_total";
     pub const WAKE_LATENCY: &str = "analytics_gateway_coalesce_wake_duration_seconds";
+    pub const REFRESHES: &str = "analytics_gateway_cache_refreshes_total";
+    pub const STALE_SERVES: &str = "analytics_gateway_cache_stale_serves_total";
+    pub const INVALIDATIONS: &str = "analytics_gateway_cache_invalidations_total";
 
     /// `outcome` of one HTTP request to the BI: `ok`, or why it was not
     /// (`continue_wait` is Cube's "still computing"; the rest are `BiError` kinds).
@@ -77,6 +80,23 @@ pub mod names {
     /// `via` of a waiter's wake-up: another instance's BI call seen through
     /// Redis, or this process's own.
     pub const WAKE_VIA: &[&str] = &["redis", "process"];
+    /// `trigger` of a refresh: a read found the entry past its fresh time
+    /// (`stale`) or invalidated (`invalidation`), or a hot entry was nearly
+    /// stale (`ahead`).
+    pub const REFRESH_TRIGGERS: &[&str] = &["stale", "ahead", "invalidation"];
+    /// `outcome` of a refresh: `ok` (its BI call), `error` (its BI call
+    /// failed), `elsewhere` (another instance refreshed it, or is),
+    /// `remembered_error` (a recent failure is remembered), `over_budget`
+    /// (past `REFRESH_MAX_PER_MINUTE`, left to stale-while-revalidate).
+    pub const REFRESH_OUTCOMES: &[&str] = &[
+        "ok",
+        "error",
+        "elsewhere",
+        "remembered_error",
+        "over_budget",
+    ];
+    /// `mode` of an invalidation.
+    pub const INVALIDATION_MODES: &[&str] = &["stale", "evict"];
 }
 
 /// How Prometheus reads a metric.
@@ -250,6 +270,23 @@ pub const METRICS: &[MetricInfo] = {
             "Time from a producer getting its rows to a waiting request having them, by how the waiter learned of them",
         )
         .labels(&[("via", WAKE_VIA)]),
+        metric(
+            REFRESHES,
+            Counter,
+            "Background refreshes of cache entries, by trigger and outcome",
+        )
+        .labels(&[("trigger", REFRESH_TRIGGERS), ("outcome", REFRESH_OUTCOMES)]),
+        metric(
+            STALE_SERVES,
+            Counter,
+            "Answers served from a stale entry while its refresh runs",
+        ),
+        metric(
+            INVALIDATIONS,
+            Counter,
+            "Invalidations received on POST /admin/invalidate, by mode",
+        )
+        .labels(&[("mode", INVALIDATION_MODES)]),
     ]
 };
 

@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -34,10 +34,22 @@ pub fn unix_millis() -> u64 {
     unix_micros() / 1000
 }
 
-/// One BI answer, as held in process memory. It never changes before it
-/// expires.
-#[derive(Debug, Clone)]
+/// How long an entry is fresh, and then how much longer it may be served,
+/// flagged stale, while one refresh runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    pub fresh: Duration,
+    pub stale: Duration,
+}
+
+/// One BI answer, as held in process memory. Its rows never change; an
+/// entry only ages (fresh, then stale, then gone) or is replaced by a newer
+/// one with another `id`.
+#[derive(Debug)]
 pub struct Entry {
+    /// Names this production of the answer (32 hex digits): a refresh
+    /// replaces exactly the entry it saw, never a newer one.
+    pub id: String,
     pub rows: Vec<Row>,
     /// When the producer got the rows, on its wall clock (for display and for
     /// measuring how soon waiters were answered).
@@ -55,10 +67,21 @@ pub struct Entry {
     /// instances may have paid for the same answer, and every answer served
     /// from it says it is degraded.
     pub uncoordinated: bool,
-    /// When this copy stops being served, on this process's monotonic clock:
-    /// a copy read from Redis gets the key's remaining lifetime (`PTTL`), so
-    /// instances whose clocks disagree still agree on when an entry ends.
+    /// How long the BI took to produce the rows: how early a hot entry is
+    /// refreshed ahead of its fresh time's end.
+    pub compute: Duration,
+    /// The invalidation generation the entry was produced under: an
+    /// invalidation with a later generation makes it stale (or gone).
+    pub generation: u64,
+    /// When this copy stops being fresh, then stops being served, on this
+    /// process's monotonic clock: a copy read from Redis gets the key's
+    /// remaining lifetime (`PTTL`), so instances whose clocks disagree still
+    /// agree on when an entry turns stale and ends.
+    pub fresh_until: Instant,
     pub expires_at: Instant,
+    /// Reads of this copy during its fresh time, in this process: only keys
+    /// read more than once are refreshed ahead of time.
+    pub reads: AtomicU32,
     /// The rows as the serving layer renders them, built on first use and
     /// shared by every answer served from this entry (an entry never
     /// changes, so neither does its rendering). Type-erased: the cache knows
@@ -66,8 +89,9 @@ pub struct Entry {
     pub rendered: RenderMemo,
 }
 
-/// What travels between instances (the Redis value): everything but the
-/// expiry, which is the key's own `PTTL`.
+/// What travels between instances (the Redis value, after its id): everything
+/// but the expiry, which is the key's own `PTTL`; the stale window is given
+/// so that a reader can tell the fresh part of what is left.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredEntry {
@@ -81,6 +105,12 @@ pub struct StoredEntry {
     pub row_limit: u32,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub uncoordinated: bool,
+    #[serde(default)]
+    pub stale_ms: u64,
+    #[serde(default)]
+    pub compute_ms: u64,
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A once-built rendering of an entry's rows (see [`Entry::rendered`]).
@@ -104,9 +134,14 @@ impl std::fmt::Debug for RenderMemo {
     }
 }
 
+/// The length of an entry id.
+pub const ENTRY_ID_LEN: usize = 32;
+
 impl Entry {
-    pub fn new(rows: Vec<Row>, ttl: Duration, producer: &str, row_limit: u32) -> Entry {
+    pub fn new(rows: Vec<Row>, lifetime: Lifetime, producer: &str, row_limit: u32) -> Entry {
+        let now = Instant::now();
         Entry {
+            id: uuid::Uuid::new_v4().simple().to_string(),
             rows,
             produced_at_us: unix_micros(),
             producer: producer.to_owned(),
@@ -114,15 +149,13 @@ impl Entry {
             span_id: None,
             row_limit,
             uncoordinated: false,
-            expires_at: Instant::now() + ttl,
+            compute: Duration::ZERO,
+            generation: 0,
+            fresh_until: now + lifetime.fresh,
+            expires_at: now + lifetime.fresh + lifetime.stale,
+            reads: AtomicU32::new(0),
             rendered: RenderMemo::default(),
         }
-    }
-
-    /// Marks the entry as produced without cross-instance coordination.
-    pub fn uncoordinated(mut self, uncoordinated: bool) -> Entry {
-        self.uncoordinated = uncoordinated;
-        self
     }
 
     /// Records which `bi.call` produced the rows.
@@ -134,9 +167,26 @@ impl Entry {
         self
     }
 
+    /// Marks the entry as produced without cross-instance coordination.
+    pub fn uncoordinated(mut self, uncoordinated: bool) -> Entry {
+        self.uncoordinated = uncoordinated;
+        self
+    }
+
+    /// Records how long the BI call took and the invalidation generation
+    /// it was made under.
+    pub fn made(mut self, compute: Duration, generation: u64) -> Entry {
+        self.compute = compute;
+        self.generation = generation;
+        self
+    }
+
     /// The entry another instance stored, with `time_left` of its life.
-    pub fn from_stored(stored: StoredEntry, time_left: Duration) -> Entry {
+    pub fn from_stored(id: String, stored: StoredEntry, time_left: Duration) -> Entry {
+        let now = Instant::now();
+        let stale = Duration::from_millis(stored.stale_ms);
         Entry {
+            id,
             rows: stored.rows,
             produced_at_us: stored.produced_at_us,
             producer: stored.producer,
@@ -144,7 +194,11 @@ impl Entry {
             span_id: stored.span_id,
             row_limit: stored.row_limit,
             uncoordinated: stored.uncoordinated,
-            expires_at: Instant::now() + time_left,
+            compute: Duration::from_millis(stored.compute_ms),
+            generation: stored.generation,
+            fresh_until: now + time_left.saturating_sub(stale),
+            expires_at: now + time_left,
+            reads: AtomicU32::new(0),
             rendered: RenderMemo::default(),
         }
     }
@@ -159,12 +213,27 @@ impl Entry {
             span_id: self.span_id.clone(),
             row_limit: self.row_limit,
             uncoordinated: self.uncoordinated,
+            stale_ms: self
+                .expires_at
+                .saturating_duration_since(self.fresh_until)
+                .as_millis() as u64,
+            compute_ms: self.compute.as_millis() as u64,
+            generation: self.generation,
         }
     }
 
-    /// How long this copy may still be served.
+    /// How long this copy may still be served (fresh or stale).
     pub fn time_left(&self) -> Duration {
         self.expires_at.saturating_duration_since(Instant::now())
+    }
+
+    /// How long this copy is still fresh.
+    pub fn fresh_left(&self) -> Duration {
+        self.fresh_until.saturating_duration_since(Instant::now())
+    }
+
+    pub fn is_fresh(&self) -> bool {
+        Instant::now() < self.fresh_until
     }
 
     /// Whether the BI may have dropped rows past the limit.

@@ -10,7 +10,7 @@ mod entry;
 mod memory;
 
 pub use entry::{
-    AnswerError, AnswerErrorKind, Cached, Entry, NegativeEntry, StoredEntry, set_clock_offset,
-    unix_micros, unix_millis,
+    AnswerError, AnswerErrorKind, Cached, ENTRY_ID_LEN, Entry, Lifetime, NegativeEntry,
+    StoredEntry, set_clock_offset, unix_micros, unix_millis,
 };
 pub use memory::MemoryCache;

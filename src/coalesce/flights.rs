@@ -26,6 +26,19 @@ pub enum Origin {
 pub struct Resolved {
     pub entry: Arc<Entry>,
     pub origin: Origin,
+    /// The entry was past its fresh time, or invalidated, when found: it is
+    /// served while its refresh runs.
+    pub stale: bool,
+}
+
+impl Resolved {
+    pub fn new(entry: Arc<Entry>, origin: Origin) -> Resolved {
+        Resolved {
+            entry,
+            origin,
+            stale: false,
+        }
+    }
 }
 
 type Outcome = Result<Resolved, AnswerError>;
@@ -194,7 +207,11 @@ mod tests {
     }
 
     fn entry() -> Arc<Entry> {
-        Arc::new(Entry::new(Vec::new(), Duration::from_secs(1), "test", 10))
+        let lifetime = crate::cache::Lifetime {
+            fresh: Duration::from_secs(1),
+            stale: Duration::ZERO,
+        };
+        Arc::new(Entry::new(Vec::new(), lifetime, "test", 10))
     }
 
     #[tokio::test]
@@ -207,10 +224,7 @@ mod tests {
         let Joined::Follow(follow_watch) = flights.join(&k, later()) else {
             panic!("second join must follow");
         };
-        lead.complete(Ok(Resolved {
-            entry: entry(),
-            origin: Origin::Produced,
-        }));
+        lead.complete(Ok(Resolved::new(entry(), Origin::Produced)));
         assert!(flights.is_empty());
         for watch in [lead_watch, follow_watch] {
             let resolved = watch.outcome().await.expect("an answer");

@@ -7,26 +7,36 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use super::{
-    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, Lease, LeaseKind, LocalCounters,
-    StoreHealth, Waited,
+    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, DocumentStore, InvalidationMode,
+    InvalidationScope, Invalidations, Invalidator, Lease, LeaseKind, LocalCounters, StoreHealth,
+    StoreUnavailable, Waited, Want,
 };
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
 
 /// With one process, the in-process flights already make each key's producer
-/// unique, so `try_lead` leads unless the answer has just arrived.
+/// unique, so `try_lead` leads unless an answer is there.
 pub struct LocalCoordinator {
-    memory: MemoryCache,
+    /// Entries, fresh or stale, until their stale time ends.
+    values: MemoryCache,
+    /// Remembered failures, beside a stale entry a failed refresh left.
+    errors: MemoryCache,
     negative_ttl: Duration,
     counters: LocalCounters,
+    invalidations: Arc<Invalidations>,
+    /// The last invalidation generation handed out.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl LocalCoordinator {
     pub fn new(max_bytes: u64, negative_ttl: Duration) -> LocalCoordinator {
         LocalCoordinator {
-            memory: MemoryCache::new(max_bytes),
+            values: MemoryCache::new(max_bytes),
+            errors: MemoryCache::new(max_bytes / 16 + 1),
             negative_ttl,
             counters: LocalCounters::default(),
+            invalidations: Arc::default(),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -34,20 +44,33 @@ impl LocalCoordinator {
 #[async_trait]
 impl Coordinator for LocalCoordinator {
     fn peek(&self, key: &CacheKey) -> Option<Cached> {
-        self.memory.get(key)
+        self.values.get(key).or_else(|| self.errors.get(key))
     }
 
-    async fn try_lead(&self, keys: &[CacheKey], _deadline: Instant) -> Vec<Decision> {
-        keys.iter()
-            .map(|key| match self.memory.get(key) {
+    fn invalidations(&self) -> &Arc<Invalidations> {
+        &self.invalidations
+    }
+
+    async fn try_lead(&self, wants: &[Want], _deadline: Instant) -> Vec<Decision> {
+        wants
+            .iter()
+            .map(|want| {
                 // The previous flight for this key may have filled it between
-                // the caller's lookup and its flight starting.
-                Some(cached) => Decision::Settled(cached),
-                None => Decision::Lead(Lease {
-                    key: key.clone(),
-                    kind: LeaseKind::InProcess,
-                    keep_alive: None,
-                }),
+                // the caller's look and its flight starting.
+                let value = self.values.get(&want.key).filter(|cached| match cached {
+                    Cached::Value(entry) => want.replaces.as_deref() != Some(entry.id.as_str()),
+                    Cached::Error(_) => false,
+                });
+                match value.or_else(|| self.errors.get(&want.key)) {
+                    Some(cached) => Decision::Settled(cached),
+                    None => Decision::Lead(Lease {
+                        key: want.key.clone(),
+                        kind: LeaseKind::InProcess,
+                        replaces: want.replaces.clone(),
+                        generation: self.invalidations.current(),
+                        keep_alive: None,
+                    }),
+                }
             })
             .collect()
     }
@@ -58,12 +81,14 @@ impl Coordinator for LocalCoordinator {
     }
 
     async fn fill(&self, lease: Lease, entry: Arc<Entry>) {
-        self.memory.insert(lease.key, Cached::Value(entry));
+        self.errors.remove(&lease.key);
+        self.values.insert(lease.key, Cached::Value(entry));
     }
 
     async fn fail(&self, lease: Lease, error: AnswerError) {
+        // A stale entry a failed refresh leaves stays servable beside it.
         let negative = NegativeEntry::new(error, self.negative_ttl);
-        self.memory
+        self.errors
             .insert(lease.key, Cached::Error(Arc::new(negative)));
     }
 
@@ -79,6 +104,32 @@ impl Counters for LocalCoordinator {
     async fn count(&self, name: &str, amount: u64, window: Duration) -> (u64, Duration) {
         self.counters.count(name, amount, window)
     }
+}
+
+#[async_trait]
+impl Invalidator for LocalCoordinator {
+    async fn invalidate(
+        &self,
+        scope: &InvalidationScope,
+        mode: InvalidationMode,
+    ) -> Result<u64, StoreUnavailable> {
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        self.invalidations.record(&scope.field(), mode, generation);
+        Ok(generation)
+    }
+}
+
+#[async_trait]
+impl DocumentStore for LocalCoordinator {
+    // The caller's own bounded copy is the whole store here.
+    async fn load_document(&self, _hash: &str) -> Option<String> {
+        None
+    }
+
+    async fn save_document(&self, _hash: &str, _document: &str) {}
 }
 
 impl StoreHealth for LocalCoordinator {

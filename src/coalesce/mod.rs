@@ -38,6 +38,7 @@
 
 mod deadline;
 mod flights;
+pub mod invalidation;
 mod local;
 pub mod redis;
 
@@ -50,6 +51,7 @@ use tokio::time::Instant;
 
 pub use deadline::Deadline;
 pub use flights::{FlightLead, FlightWatch, Flights, Joined, Origin, Resolved};
+pub use invalidation::{InvalidationMode, InvalidationScope, Invalidations, Verdict};
 pub use local::LocalCoordinator;
 pub use redis::{RedisCoordinator, RedisSettings};
 
@@ -61,8 +63,23 @@ use crate::query::CacheKey;
 pub struct Lease {
     pub key: CacheKey,
     pub kind: LeaseKind,
+    /// The entry (its id) this lease was taken to replace: a refresh.
+    pub replaces: Option<String>,
+    /// The invalidation generation the answer is produced under (taken
+    /// before the BI is asked: an invalidation during the call reaches it).
+    pub generation: u64,
     /// Dropped with the lease: stops whatever keeps the lease alive.
     pub keep_alive: Option<Box<dyn Send + Sync>>,
+}
+
+/// One key a producing task wants an answer for.
+#[derive(Debug, Clone)]
+pub struct Want {
+    pub key: CacheKey,
+    /// The id of the entry to replace (a refresh of a stale or invalidated
+    /// entry); `None` for a miss. The store's entry counts as the answer
+    /// unless it is this one.
+    pub replaces: Option<String>,
 }
 
 /// What a lease stands on.
@@ -87,7 +104,8 @@ impl Lease {
 pub enum Decision {
     /// This process produces the answer.
     Lead(Lease),
-    /// The answer (or a remembered error) is there, or the key may not be
+    /// The answer (another entry than the one to replace, perhaps stale
+    /// itself) or a remembered error is there, or the key may not be
     /// produced now (the BI's cool-down).
     Settled(Cached),
     /// Another producer holds the key's lock: wait with [`Coordinator::wait`].
@@ -111,13 +129,18 @@ pub enum Waited {
 /// flight, once per key at a time per process.
 #[async_trait]
 pub trait Coordinator: Send + Sync + 'static {
-    /// What process memory holds for `key`, without I/O or waiting.
+    /// What process memory holds for `key` (an entry, fresh or not, before
+    /// a remembered error), without I/O or waiting.
     fn peek(&self, key: &CacheKey) -> Option<Cached>;
 
-    /// Looks each key up and, where there is no answer, tries once to become
-    /// its producer: one round trip where the store allows. Only the store's
-    /// own failures are retried, until `deadline`.
-    async fn try_lead(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Decision>;
+    /// The invalidations this process knows of (kept in step with the store).
+    fn invalidations(&self) -> &Arc<Invalidations>;
+
+    /// Looks each key up and, where there is no answer (or only the entry to
+    /// replace), tries once to become its producer: one round trip where the
+    /// store allows. Only the store's own failures are retried, until
+    /// `deadline`.
+    async fn try_lead(&self, wants: &[Want], deadline: Instant) -> Vec<Decision>;
 
     /// Waits for the producer that holds `key` to settle it or go away.
     async fn wait(&self, key: &CacheKey, deadline: &Deadline) -> Waited;
@@ -137,6 +160,31 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn cool_down(&self, period: Duration);
 }
 
+/// The store is unreachable for an operation that needs it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the shared store is unavailable")]
+pub struct StoreUnavailable;
+
+/// Records invalidations, shared by all instances when the store is shared.
+#[async_trait]
+pub trait Invalidator: Send + Sync + 'static {
+    /// Makes every entry of `scope` produced before now stale (or gone), on
+    /// every instance within a second. Returns the invalidation's generation.
+    async fn invalidate(
+        &self,
+        scope: &InvalidationScope,
+        mode: InvalidationMode,
+    ) -> Result<u64, StoreUnavailable>;
+}
+
+/// Documents of automatic persisted queries, by SHA-256, shared by all
+/// instances when the store is shared (the caller keeps a bounded copy).
+#[async_trait]
+pub trait DocumentStore: Send + Sync + 'static {
+    async fn load_document(&self, hash: &str) -> Option<String>;
+    async fn save_document(&self, hash: &str, document: &str);
+}
+
 /// Fixed-window counters for quotas, shared by all instances when the store
 /// is shared.
 #[async_trait]
@@ -152,22 +200,29 @@ pub trait StoreHealth: Send + Sync + 'static {
     fn describe(&self) -> CoordinatorStatus;
 }
 
-/// The three capabilities of one backend, handed out separately: the
-/// aggregator gets the coordinator, the dataloader the counters, the HTTP
-/// layer the health.
+/// The capabilities of one backend, handed out separately: the aggregator
+/// gets the coordinator, the dataloader the counters, the HTTP layer the
+/// health, the invalidator and the persisted documents.
 pub struct Backend {
     pub coordinator: Arc<dyn Coordinator>,
     pub counters: Arc<dyn Counters>,
     pub health: Arc<dyn StoreHealth>,
+    pub invalidator: Arc<dyn Invalidator>,
+    pub documents: Arc<dyn DocumentStore>,
 }
 
 impl Backend {
-    pub fn of<T: Coordinator + Counters + StoreHealth>(backend: T) -> Backend {
+    pub fn of<T>(backend: T) -> Backend
+    where
+        T: Coordinator + Counters + StoreHealth + Invalidator + DocumentStore,
+    {
         let backend = Arc::new(backend);
         Backend {
             coordinator: Arc::clone(&backend) as Arc<dyn Coordinator>,
             counters: Arc::clone(&backend) as Arc<dyn Counters>,
-            health: backend,
+            health: Arc::clone(&backend) as Arc<dyn StoreHealth>,
+            invalidator: Arc::clone(&backend) as Arc<dyn Invalidator>,
+            documents: backend,
         }
     }
 }

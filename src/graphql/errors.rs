@@ -19,6 +19,10 @@ pub enum ErrorCode {
     Unauthenticated,
     Forbidden,
     QueryTooComplex,
+    PersistedQueryNotFound,
+    /// The request is not one this gateway can run (not GraphQL, a bad
+    /// persisted-query extension, ...).
+    BadRequest,
 }
 
 impl ErrorCode {
@@ -34,6 +38,8 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
             ErrorCode::Forbidden => "FORBIDDEN",
             ErrorCode::QueryTooComplex => "QUERY_TOO_COMPLEX",
+            ErrorCode::PersistedQueryNotFound => "PERSISTED_QUERY_NOT_FOUND",
+            ErrorCode::BadRequest => "BAD_REQUEST",
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The served schema. `schema.graphql` at the repo root is its SDL.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{
@@ -22,18 +23,57 @@ use crate::telemetry;
 
 pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
 
-/// Set by resolvers when an answer of the request was produced without
-/// cross-instance coordination; the HTTP layer then says so in the response.
-#[derive(Clone, Default)]
-pub struct DegradedMarker(Arc<std::sync::atomic::AtomicBool>);
+/// What the answers of one request were like, gathered by the resolvers
+/// for the HTTP layer: whether any was produced without cross-instance
+/// coordination (the response says it is degraded) or served stale, and how
+/// long they all stay fresh (how long a browser may keep the response).
+#[derive(Clone)]
+pub struct AnswerFacts(Arc<Facts>);
 
-impl DegradedMarker {
-    pub fn mark(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+struct Facts {
+    degraded: AtomicBool,
+    stale: AtomicBool,
+    /// The shortest fresh time left among the answers, in ms; `u64::MAX`
+    /// while there is none.
+    fresh_for_ms: AtomicU64,
+}
+
+impl Default for AnswerFacts {
+    fn default() -> AnswerFacts {
+        AnswerFacts(Arc::new(Facts {
+            degraded: AtomicBool::new(false),
+            stale: AtomicBool::new(false),
+            fresh_for_ms: AtomicU64::new(u64::MAX),
+        }))
+    }
+}
+
+impl AnswerFacts {
+    fn record(&self, answer: &Answer) {
+        if answer.degraded {
+            self.0.degraded.store(true, Ordering::Relaxed);
+        }
+        if answer.stale {
+            self.0.stale.store(true, Ordering::Relaxed);
+        }
+        let fresh_for = answer.entry.fresh_left().as_millis() as u64;
+        self.0.fresh_for_ms.fetch_min(fresh_for, Ordering::Relaxed);
     }
 
-    pub fn is_marked(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn degraded(&self) -> bool {
+        self.0.degraded.load(Ordering::Relaxed)
+    }
+
+    pub fn stale(&self) -> bool {
+        self.0.stale.load(Ordering::Relaxed)
+    }
+
+    /// How long every answer stays fresh; `None` when there was none.
+    pub fn fresh_for(&self) -> Option<std::time::Duration> {
+        match self.0.fresh_for_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
     }
 }
 
@@ -150,10 +190,8 @@ impl QueryRoot {
             }
         };
         let answer = answer.map_err(|err| ResolverError::from(err).extend())?;
-        if answer.degraded
-            && let Some(marker) = ctx.data_opt::<DegradedMarker>()
-        {
-            marker.mark();
+        if let Some(facts) = ctx.data_opt::<AnswerFacts>() {
+            facts.record(&answer);
         }
 
         // The request's span links to the BI call that paid for these rows,
@@ -218,14 +256,23 @@ impl AggregateResult {
     async fn cache(&self) -> CacheInfo {
         let entry = &self.answer.entry;
         let produced_at_ms = entry.produced_at_us / 1000;
+        // Instants on this process's wall clock, from the entry's lifetimes:
+        // what the instance serving the answer knows.
+        let now_ms = unix_millis();
+        let instant = |ms: u64| {
+            chrono::DateTime::from_timestamp_millis(ms as i64)
+                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default()
+        };
         CacheInfo {
             status: self.answer.status,
+            stale: self.answer.stale,
             key: self.key.clone(),
-            produced_at: chrono::DateTime::from_timestamp_millis(produced_at_ms as i64)
-                .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-                .unwrap_or_default(),
-            age_seconds: unix_millis().saturating_sub(produced_at_ms) as f64 / 1000.0,
-            expires_in_seconds: entry.time_left().as_secs_f64(),
+            produced_at: instant(produced_at_ms),
+            fresh_until: instant(now_ms + entry.fresh_left().as_millis() as u64),
+            stale_until: instant(now_ms + entry.time_left().as_millis() as u64),
+            age_seconds: now_ms.saturating_sub(produced_at_ms) as f64 / 1000.0,
+            expires_in_seconds: entry.fresh_left().as_secs_f64(),
             produced_by: entry.producer.clone(),
             trace_id: entry.trace_id.clone(),
         }
@@ -264,13 +311,21 @@ impl ScalarType for JsonRow {
 pub struct CacheInfo {
     /// HIT, MISS or COALESCED.
     status: CacheStatus,
+    /// True when the entry's fresh time has ended (or an invalidation made it
+    /// stale) and it is served while one refresh runs; its status is HIT.
+    stale: bool,
     /// Short hash of the cache key: equal for requests that share an entry.
     key: String,
     /// When the BI call that produced the rows ended (RFC 3339, UTC).
     produced_at: String,
     /// Seconds since the BI produced the rows.
     age_seconds: f64,
-    /// Seconds until the entry expires.
+    /// Until when the entry is fresh (ISO-8601, UTC).
+    fresh_until: String,
+    /// Until when the entry may be served at all, stale after `freshUntil`
+    /// (ISO-8601, UTC).
+    stale_until: String,
+    /// Seconds until the entry stops being fresh (0 once stale).
     expires_in_seconds: f64,
     /// The gateway instance whose BI call produced the rows.
     produced_by: String,

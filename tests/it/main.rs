@@ -10,6 +10,7 @@ mod bi_errors;
 mod dashboards;
 mod docker_compose;
 mod fault_proxy;
+mod freshness;
 mod graphql_http;
 mod http;
 mod introspection;

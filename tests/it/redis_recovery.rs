@@ -370,14 +370,15 @@ async fn instances_whose_clocks_disagree_share_values_and_errors() {
     }
 }
 
-/// The pub/sub channels (`done` and keyspace ones) of `namespace` that
-/// anyone is subscribed to on the Redis at `url`.
+/// The pub/sub channels of waiters (the `done` and keyspace channels of
+/// keys) of `namespace` that anyone is subscribed to on the Redis at `url`;
+/// not the instances' permanent one (invalidations).
 async fn subscribed_channels(url: &str, namespace: &str) -> Vec<String> {
     let mut conn = redis_connection(url).await;
     let channels: Vec<String> = query(&mut conn, redis::cmd("PUBSUB").arg("CHANNELS")).await;
     channels
         .into_iter()
-        .filter(|c| c.contains(namespace))
+        .filter(|c| c.contains(namespace) && c.contains('{'))
         .collect()
 }
 

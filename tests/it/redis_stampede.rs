@@ -160,17 +160,21 @@ async fn customers_never_share_entries_across_instances() {
 }
 
 /// After a miss, Redis holds the answer as the architecture lays it out: one
-/// `{ns}:v2:{<64 hex>}:value` key whose PTTL is about `CACHE_TTL_SECS` (the
-/// entry's only expiry: instances never compare wall clocks), whose JSON has
-/// the rows and the producing instance, and no lock left behind.
+/// `{ns}:v2:{<64 hex>}:value` key whose PTTL is about `CACHE_TTL_SECS` plus
+/// `CACHE_STALE_SECS` (the entry's only expiry: instances never compare wall
+/// clocks), holding the entry's id and JSON with the rows and the producing
+/// instance, and no lock left behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_miss_leaves_a_value_entry_and_no_lock() {
-    const TTL_MS: i64 = 120_000;
+    const FRESH_MS: i64 = 90_000;
+    const STALE_MS: i64 = 30_000;
+    const TTL_MS: i64 = FRESH_MS + STALE_MS;
     let env = TestEnv::start(
         TestOptions::default()
             .redis()
             .instances(2)
-            .env("CACHE_TTL_SECS", TTL_MS / 1_000)
+            .env("CACHE_TTL_SECS", FRESH_MS / 1_000)
+            .env("CACHE_STALE_SECS", STALE_MS / 1_000)
             .env("REDIS_TIMEOUT_MS", PATIENT_REDIS_TIMEOUT_MS),
     )
     .await;
@@ -200,12 +204,14 @@ async fn a_miss_leaves_a_value_entry_and_no_lock() {
     // Generous below (a slow machine), exact above: never longer than the TTL.
     assert!(
         (TTL_MS - 30_000..=TTL_MS).contains(&pttl),
-        "PTTL {pttl} ms, CACHE_TTL_SECS is {} s",
+        "PTTL {pttl} ms, CACHE_TTL_SECS + CACHE_STALE_SECS is {} s",
         TTL_MS / 1_000
     );
     let stored: String = query(&mut conn, redis::cmd("GET").arg(value_key)).await;
-    let stored: Value = serde_json::from_str(&stored).expect("the value is JSON");
-    assert_eq!(stored["kind"], "value", "{stored}");
+    // The entry's id (32 hex digits), then its JSON.
+    let (id, json) = stored.split_at(32);
+    assert!(id.chars().all(|c| c.is_ascii_hexdigit()), "{stored}");
+    let stored: Value = serde_json::from_str(json).expect("the value is JSON");
     assert_eq!(stored["rows"], expected, "{stored}");
     assert_eq!(
         stored["producer"],
@@ -213,6 +219,7 @@ async fn a_miss_leaves_a_value_entry_and_no_lock() {
         "{stored}"
     );
     assert!(stored["producedAtUs"].as_u64().is_some(), "{stored}");
+    assert_eq!(stored["staleMs"], STALE_MS, "{stored}");
     assert!(
         stored.get("expiresAtMs").is_none(),
         "no wall-clock expiry: {stored}"

@@ -1,6 +1,6 @@
 //! The names of everything the gateway keeps in Redis, built in one place.
 //!
-//! `{ns}:v2:{<hash>}:value`, `{ns}:v2:{<hash>}:lock`, channel
+//! `{ns}:v2:{<hash>}:value`, `{ns}:v2:{<hash>}:error`, `{ns}:v2:{<hash>}:lock`, channel
 //! `{ns}:v2:{<hash>}:done`, `{ns}:v2:bi-cooldown`,
 //! `{ns}:v2:count:<name>:<window>`, `{ns}:v2:probe:<instance>`. The hash tag keeps a key's value, lock
 //! and channel in one cluster slot. The version changes whenever what a key
@@ -34,6 +34,11 @@ impl KeyLayout {
         format!("{}:{{{}}}:lock", self.prefix, key.as_str())
     }
 
+    /// A remembered failure of `key`, beside its (perhaps stale) value.
+    pub(super) fn error(&self, key: &CacheKey) -> String {
+        format!("{}:{{{}}}:error", self.prefix, key.as_str())
+    }
+
     pub(super) fn done_channel(&self, key: &CacheKey) -> String {
         format!("{}:{{{}}}:done", self.prefix, key.as_str())
     }
@@ -57,9 +62,10 @@ impl KeyLayout {
         format!("__keyspace@{}__:{redis_key}", self.db)
     }
 
-    /// The channels whose messages wake the waiters of `key`: the fill's own
-    /// `done` message and, with keyspace notifications, any change to the
-    /// value or the lock (a delete or an expiry means the holder is gone).
+    /// The channels whose messages wake the waiters of `key`: the settle's
+    /// own `done` message (which carries the answer) and, with keyspace
+    /// notifications, any change to the value or the lock (a delete or an
+    /// expiry of the lock means its holder is gone).
     pub(super) fn channels(&self, key: &CacheKey, keyspace: bool) -> Vec<String> {
         let mut channels = vec![self.done_channel(key)];
         if keyspace {
@@ -67,6 +73,28 @@ impl KeyLayout {
             channels.push(self.keyspace_channel(&self.lock(key)));
         }
         channels
+    }
+
+    /// Announces every invalidation (its generation).
+    pub(super) fn invalidated_channel(&self) -> String {
+        format!("{}:invalidated", self.prefix)
+    }
+
+    /// The sequence of invalidation generations (one hash tag with
+    /// [`KeyLayout::invalidations`]: both are written by one script).
+    pub(super) fn invalidation_sequence(&self) -> String {
+        format!("{}:{{invalidations}}:seq", self.prefix)
+    }
+
+    /// The latest generation of every invalidated scope, by mode
+    /// (`stale|<scope>`, `evict|<scope>`).
+    pub(super) fn invalidations(&self) -> String {
+        format!("{}:{{invalidations}}:scopes", self.prefix)
+    }
+
+    /// An automatic persisted query's document, by its SHA-256.
+    pub(super) fn persisted_query(&self, hash: &str) -> String {
+        format!("{}:apq:{hash}", self.prefix)
     }
 }
 

@@ -32,11 +32,13 @@ use tracing::field::Empty;
 
 use self::health::{Backoff, Health, Link, PingerSettings, Trouble};
 use self::keys::KeyLayout;
-use self::scripts::{AbortOnDrop, SettleReply, TryReply};
+use self::scripts::{AbortOnDrop, SettleReply, Settling, TryReply};
 use self::subscriptions::Subscriptions;
+use super::invalidation::ScopeGenerations;
 use super::{
-    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, Lease, LeaseKind, LocalCounters,
-    StoreHealth, Waited,
+    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, DocumentStore, InvalidationMode,
+    InvalidationScope, Invalidations, Invalidator, Lease, LeaseKind, LocalCounters, StoreHealth,
+    StoreUnavailable, Waited, Want,
 };
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
@@ -77,11 +79,15 @@ pub struct RedisCoordinator {
     link: Link,
     layout: KeyLayout,
     subscriptions: Arc<Subscriptions>,
-    /// The in-process copy (L1): hits while Redis is up (when allowed), and
-    /// everything this process knows while Redis is down.
+    /// The in-process copy (L1) of entries: hits while Redis is up (when
+    /// allowed), and everything this process knows while Redis is down.
     memory: MemoryCache,
+    /// Failures remembered in process, served only while Redis is down
+    /// (while it is up, Redis is asked: a paid answer may replace them).
+    errors: MemoryCache,
     /// Counters while Redis is down: per instance, better than none.
     counters: LocalCounters,
+    invalidations: Arc<Invalidations>,
     settings: RedisSettings,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -129,22 +135,37 @@ impl RedisCoordinator {
             command_timeout: settings.command_timeout,
         };
         let run_id = health::first_check(&link, pinger).await;
-        let (subscriptions, subscriber_task) =
-            Subscriptions::start(subscriber_client, health, settings.command_timeout);
         let layout = KeyLayout::new(&settings.namespace, db);
+        let invalidated = Arc::new(tokio::sync::Notify::new());
+        let (subscriptions, subscriber_task) = Subscriptions::start(
+            subscriber_client,
+            health,
+            settings.command_timeout,
+            vec![(layout.invalidated_channel(), Arc::clone(&invalidated))],
+        );
         let pinger_task = tokio::spawn(health::watch_health(
             link.clone(),
             pinger,
             run_id,
             layout.probe(&settings.instance_id),
         ));
+        let invalidations = Arc::new(Invalidations::default());
+        follow_invalidations_once(&link, &layout, &invalidations).await;
+        let invalidations_task = tokio::spawn(follow_invalidations(
+            link.clone(),
+            layout.clone(),
+            Arc::clone(&invalidations),
+            invalidated,
+        ));
         Ok(RedisCoordinator {
             link,
             layout,
             subscriptions,
             memory: MemoryCache::new(settings.memory_max_bytes),
+            errors: MemoryCache::new(settings.memory_max_bytes / 16 + 1),
             counters: LocalCounters::default(),
-            tasks: vec![subscriber_task, pinger_task],
+            invalidations,
+            tasks: vec![subscriber_task, pinger_task, invalidations_task],
             settings,
         })
     }
@@ -163,11 +184,11 @@ impl RedisCoordinator {
         )
     }
 
-    /// Reads an answer found in Redis (and keeps the in-process copy);
+    /// Reads an entry found in Redis (and keeps the in-process copy);
     /// `None` for an unreadable one.
-    fn found(&self, key: &CacheKey, payload: &[u8], pttl: i64) -> Option<Cached> {
+    fn found_value(&self, key: &CacheKey, payload: &[u8], pttl: i64) -> Option<Cached> {
         let time_left = scripts::time_left(pttl, self.settings.value_ttl)?;
-        match store::decode(payload, time_left) {
+        match store::decode_value(payload, time_left) {
             Ok(cached) => {
                 self.memory.insert(key.clone(), cached.clone());
                 Some(cached)
@@ -179,9 +200,39 @@ impl RedisCoordinator {
         }
     }
 
+    /// Reads a failure remembered in Redis; `None` for an unreadable one.
+    fn found_error(&self, key: &CacheKey, payload: &[u8], pttl: i64) -> Option<Cached> {
+        let time_left = scripts::time_left(pttl, self.settings.negative_ttl)?;
+        match store::decode_error(payload, time_left) {
+            Ok(cached) => {
+                self.errors.insert(key.clone(), cached.clone());
+                Some(cached)
+            }
+            Err(err) => {
+                tracing::warn!(key = key.short(), error = %err, "unreadable remembered error ignored");
+                None
+            }
+        }
+    }
+
+    /// Reads a settle's `done` message (what it stored, for how long).
+    fn settled(&self, key: &CacheKey, message: &[u8]) -> Option<Cached> {
+        let settled = scripts::parse_settled(message)?;
+        match settled.settling {
+            Settling::Value => self.found_value(key, settled.payload, settled.pttl),
+            Settling::Error => self.found_error(key, settled.payload, settled.pttl),
+        }
+    }
+
     /// Writes a producer's answer or error with the settle script, retried
     /// until Redis answers or is down. Returns `None` when Redis never answered.
-    async fn settle(&self, lease: &Lease, payload: &[u8], ttl: Duration) -> Option<SettleReply> {
+    async fn settle(
+        &self,
+        lease: &Lease,
+        payload: &[u8],
+        ttl: Duration,
+        settling: Settling,
+    ) -> Option<SettleReply> {
         let token = match &lease.kind {
             LeaseKind::Locked { token } => token.clone(),
             // Produced while Redis was down: share it if Redis is back,
@@ -189,7 +240,15 @@ impl RedisCoordinator {
             LeaseKind::Uncoordinated if self.health().is_up() => self.new_token(),
             LeaseKind::Uncoordinated | LeaseKind::InProcess => return None,
         };
-        let command = scripts::settle(&self.layout, &lease.key, &token, payload, ttl);
+        let command = scripts::settle(
+            &self.layout,
+            &lease.key,
+            &token,
+            payload,
+            ttl,
+            settling,
+            lease.replaces.as_deref(),
+        );
         let deadline = Instant::now() + self.settings.down_after + self.settings.command_timeout;
         self.link
             .persist("fill", deadline, || self.link.coordinate::<i64>(&command))
@@ -201,13 +260,17 @@ impl RedisCoordinator {
     /// Stores `cached` for `lease`: Redis first, then the in-process copy, so
     /// this process never serves what Redis refused (another leader's key).
     async fn store(&self, mut lease: Lease, cached: Cached, payload: Vec<u8>) {
+        let settling = match cached {
+            Cached::Value(_) => Settling::Value,
+            Cached::Error(_) => Settling::Error,
+        };
         // Stop renewing first: a renewal racing the fill would find the lock
         // gone and report it lost.
         drop(lease.keep_alive.take());
         let ttl = cached
             .expires_at()
             .saturating_duration_since(Instant::now());
-        let reply = self.settle(&lease, &payload, ttl).await;
+        let reply = self.settle(&lease, &payload, ttl, settling).await;
         let short = lease.key.short();
         match reply {
             // Stored now, or by an earlier attempt of this same fill whose
@@ -237,7 +300,13 @@ impl RedisCoordinator {
             }
             None => {}
         }
-        self.memory.insert(lease.key, cached);
+        match settling {
+            Settling::Value => {
+                self.errors.remove(&lease.key);
+                self.memory.insert(lease.key, cached);
+            }
+            Settling::Error => self.errors.insert(lease.key, cached),
+        }
     }
 
     /// The shared cool-down's time left, from its `PTTL` reply.
@@ -253,10 +322,12 @@ impl RedisCoordinator {
         )))
     }
 
-    fn uncoordinated(&self, key: &CacheKey) -> Decision {
+    fn uncoordinated(&self, want: &Want) -> Decision {
         Decision::Lead(Lease {
-            key: key.clone(),
+            key: want.key.clone(),
             kind: LeaseKind::Uncoordinated,
+            replaces: want.replaces.clone(),
+            generation: self.invalidations.current(),
             keep_alive: None,
         })
     }
@@ -264,26 +335,36 @@ impl RedisCoordinator {
     /// The lead or wait of one key, from its try-lead reply.
     fn decide(
         &self,
-        key: &CacheKey,
+        want: &Want,
         token: String,
         reply: Option<TryReply>,
         cooldown: Option<Duration>,
     ) -> Decision {
+        let key = &want.key;
         match reply {
-            Some(TryReply::Found { payload, pttl }) => match self.found(key, &payload, pttl) {
+            Some(TryReply::Failed { payload, pttl }) => match self.found_error(key, &payload, pttl)
+            {
                 Some(cached) => Decision::Settled(cached),
-                None => {
-                    // An unreadable value would be found again and again:
-                    // remove it (unless it changed meanwhile), and let the
-                    // next round lead.
-                    let link = self.link.clone();
-                    let discard = scripts::discard_value(&self.layout, key, &payload);
-                    tokio::spawn(async move {
-                        let _ = link.coordinate::<i64>(&discard).await;
-                    });
-                    Decision::Busy
-                }
+                None => Decision::Failed(AnswerError::internal(
+                    "an unreadable remembered error is in Redis",
+                )),
             },
+            Some(TryReply::Found { payload, pttl }) => {
+                match self.found_value(key, &payload, pttl) {
+                    Some(cached) => Decision::Settled(cached),
+                    None => {
+                        // An unreadable value would be found again and again:
+                        // remove it (unless it changed meanwhile), and let the
+                        // next round lead.
+                        let link = self.link.clone();
+                        let discard = scripts::discard_value(&self.layout, key, &payload);
+                        tokio::spawn(async move {
+                            let _ = link.coordinate::<i64>(&discard).await;
+                        });
+                        Decision::Busy
+                    }
+                }
+            }
             Some(TryReply::Won) => {
                 metrics::counter!(names::LOCK_ATTEMPTS, "result" => "won").increment(1);
                 if let Some(left) = cooldown {
@@ -306,6 +387,8 @@ impl RedisCoordinator {
                 Decision::Lead(Lease {
                     key: key.clone(),
                     kind: LeaseKind::Locked { token },
+                    replaces: want.replaces.clone(),
+                    generation: self.invalidations.current(),
                     keep_alive: Some(Box::new(AbortOnDrop(renewal))),
                 })
             }
@@ -325,36 +408,42 @@ impl RedisCoordinator {
 impl Coordinator for RedisCoordinator {
     fn peek(&self, key: &CacheKey) -> Option<Cached> {
         if !self.health().is_up() {
-            return self.memory.get(key);
+            return self.memory.get(key).or_else(|| self.errors.get(key));
         }
         // While Redis is up, a remembered error is read from Redis: a paid
         // answer may have replaced it there (a leader whose lock had gone).
-        match self.memory.get(key)? {
-            Cached::Value(entry) if self.settings.local_cache => Some(Cached::Value(entry)),
-            _ => None,
+        if self.settings.local_cache {
+            self.memory.get(key)
+        } else {
+            None
         }
     }
 
-    async fn try_lead(&self, keys: &[CacheKey], deadline: Instant) -> Vec<Decision> {
+    fn invalidations(&self) -> &Arc<Invalidations> {
+        &self.invalidations
+    }
+
+    async fn try_lead(&self, wants: &[Want], deadline: Instant) -> Vec<Decision> {
         if !self.health().is_up() {
-            return keys.iter().map(|key| self.uncoordinated(key)).collect();
+            return wants.iter().map(|want| self.uncoordinated(want)).collect();
         }
         let span = tracing::info_span!(
             "coalesce.try_lead",
-            keys = keys.len() as i64,
+            keys = wants.len() as i64,
             won = Empty,
             lost = Empty,
             found = Empty
         );
-        let tokens: Vec<String> = keys.iter().map(|_| self.new_token()).collect();
+        let tokens: Vec<String> = wants.iter().map(|_| self.new_token()).collect();
         let mut pipe = redis::pipe();
         pipe.pttl(self.layout.cooldown());
-        for (key, token) in keys.iter().zip(&tokens) {
+        for (want, token) in wants.iter().zip(&tokens) {
             pipe.add_command(scripts::try_lead(
                 &self.layout,
-                key,
+                &want.key,
                 token,
                 self.settings.lock_ttl,
+                want.replaces.as_deref(),
             ));
         }
         let replies: Vec<Value> = match self
@@ -364,24 +453,26 @@ impl Coordinator for RedisCoordinator {
             .await
         {
             Ok(replies) => replies,
-            Err(Trouble::Down) => return keys.iter().map(|key| self.uncoordinated(key)).collect(),
+            Err(Trouble::Down) => {
+                return wants.iter().map(|want| self.uncoordinated(want)).collect();
+            }
             Err(Trouble::Deadline) => {
                 let error =
                     AnswerError::unavailable("Redis did not answer before the request's deadline");
-                return keys
+                return wants
                     .iter()
                     .map(|_| Decision::Failed(error.clone()))
                     .collect();
             }
         };
         let cooldown = replies.first().and_then(Self::cooldown_left);
-        let decisions: Vec<Decision> = keys
+        let decisions: Vec<Decision> = wants
             .iter()
             .zip(tokens)
             .enumerate()
-            .map(|(i, (key, token))| {
+            .map(|(i, (want, token))| {
                 let reply = replies.get(i + 1).and_then(scripts::parse_try_reply);
-                self.decide(key, token, reply, cooldown)
+                self.decide(want, token, reply, cooldown)
             })
             .collect();
         let count = |f: fn(&Decision) -> bool| decisions.iter().filter(|d| f(d)).count() as i64;
@@ -407,31 +498,47 @@ impl Coordinator for RedisCoordinator {
             else {
                 return timed_out();
             };
-            let value = self.layout.value(key);
+            let (value, error) = (self.layout.value(key), self.layout.error(key));
             let mut look = redis::pipe();
-            look.get(&value).pttl(&value).pttl(self.layout.lock(key));
+            look.get(&value)
+                .pttl(&value)
+                .get(&error)
+                .pttl(&error)
+                .pttl(self.layout.lock(key));
             let mut poll = Backoff::new();
             loop {
                 if deadline.has_passed() {
                     return timed_out();
                 }
+                // The settle's own message carries the answer: no look needed.
+                if let Some(cached) = watch
+                    .settled()
+                    .and_then(|message| self.settled(key, &message))
+                {
+                    return Waited::Settled(cached);
+                }
                 // Forget wake-ups so far, then look: one that comes after
                 // the look is not missed.
                 watch.mark_seen();
+                type Look = (Option<Vec<u8>>, i64, Option<Vec<u8>>, i64, i64);
                 let lock_left = match self
                     .link
-                    .persist("wait", deadline.get(), || {
-                        self.link.pipe::<(Option<Vec<u8>>, i64, i64)>(&look)
-                    })
+                    .persist("wait", deadline.get(), || self.link.pipe::<Look>(&look))
                     .await
                 {
-                    Ok((Some(payload), pttl, _)) => {
-                        if let Some(cached) = self.found(key, &payload, pttl) {
+                    Ok((Some(payload), pttl, _, _, _)) => {
+                        if let Some(cached) = self.found_value(key, &payload, pttl) {
                             return Waited::Settled(cached);
                         }
                         return Waited::HolderGone;
                     }
-                    Ok((None, _, lock_pttl)) => {
+                    Ok((None, _, Some(payload), pttl, _)) => {
+                        if let Some(cached) = self.found_error(key, &payload, pttl) {
+                            return Waited::Settled(cached);
+                        }
+                        return Waited::HolderGone;
+                    }
+                    Ok((None, _, None, _, lock_pttl)) => {
                         match scripts::time_left(lock_pttl, self.settings.lock_ttl) {
                             None => return Waited::HolderGone,
                             Some(left) => left,
@@ -530,6 +637,64 @@ impl Counters for RedisCoordinator {
     }
 }
 
+#[async_trait]
+impl Invalidator for RedisCoordinator {
+    async fn invalidate(
+        &self,
+        scope: &InvalidationScope,
+        mode: InvalidationMode,
+    ) -> Result<u64, StoreUnavailable> {
+        if !self.health().is_up() {
+            return Err(StoreUnavailable);
+        }
+        let field = scope.field();
+        let command = scripts::invalidate(&self.layout, &field, mode == InvalidationMode::Evict);
+        let deadline = Instant::now() + self.settings.command_timeout * 2;
+        let generation = self
+            .link
+            .persist("invalidate", deadline, || {
+                self.link.coordinate::<u64>(&command)
+            })
+            .await
+            .map_err(|_| StoreUnavailable)?;
+        self.invalidations.record(&field, mode, generation);
+        Ok(generation)
+    }
+}
+
+/// How long a persisted query's document is kept in Redis after its last store.
+const PERSISTED_QUERY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+#[async_trait]
+impl DocumentStore for RedisCoordinator {
+    async fn load_document(&self, hash: &str) -> Option<String> {
+        if !self.health().is_up() {
+            return None;
+        }
+        let command = redis::cmd("GET")
+            .arg(self.layout.persisted_query(hash))
+            .to_owned();
+        self.link
+            .query::<Option<String>>(&command)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    async fn save_document(&self, hash: &str, document: &str) {
+        if !self.health().is_up() {
+            return;
+        }
+        let command = redis::cmd("SET")
+            .arg(self.layout.persisted_query(hash))
+            .arg(document)
+            .arg("PX")
+            .arg(PERSISTED_QUERY_TTL.as_millis() as u64)
+            .to_owned();
+        let _ = self.link.coordinate::<()>(&command).await;
+    }
+}
+
 impl StoreHealth for RedisCoordinator {
     fn describe(&self) -> CoordinatorStatus {
         CoordinatorStatus {
@@ -542,4 +707,58 @@ impl StoreHealth for RedisCoordinator {
             },
         }
     }
+}
+
+/// Keeps this process's view of the invalidations in step with Redis: at
+/// every announcement (and every reconnection), and at least every second.
+async fn follow_invalidations(
+    link: Link,
+    layout: KeyLayout,
+    invalidations: Arc<Invalidations>,
+    announced: Arc<tokio::sync::Notify>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = announced.notified() => {}
+        }
+        follow_invalidations_once(&link, &layout, &invalidations).await;
+    }
+}
+
+/// Reads the invalidation sequence and, when it has moved, every scope's
+/// generations (written together by one script, so none is missed).
+async fn follow_invalidations_once(link: &Link, layout: &KeyLayout, invalidations: &Invalidations) {
+    let sequence = redis::cmd("GET")
+        .arg(layout.invalidation_sequence())
+        .to_owned();
+    let Ok(Some(latest)) = link.query::<Option<u64>>(&sequence).await else {
+        return;
+    };
+    if latest <= invalidations.current() {
+        return;
+    }
+    let all = redis::cmd("HGETALL").arg(layout.invalidations()).to_owned();
+    let Ok(fields) = link
+        .query::<std::collections::HashMap<String, u64>>(&all)
+        .await
+    else {
+        return;
+    };
+    let mut scopes: std::collections::HashMap<String, ScopeGenerations> =
+        std::collections::HashMap::new();
+    let mut newest = latest;
+    for (field, generation) in fields {
+        newest = newest.max(generation);
+        match field.split_once('|') {
+            Some(("stale", scope)) => {
+                scopes.entry(scope.to_owned()).or_default().stale = generation
+            }
+            Some(("evict", scope)) => {
+                scopes.entry(scope.to_owned()).or_default().evict = generation
+            }
+            _ => {}
+        }
+    }
+    invalidations.merge(scopes, newest);
 }

@@ -14,15 +14,22 @@ use super::keys::KeyLayout;
 use crate::query::CacheKey;
 use crate::telemetry::names;
 
-/// The value if there is one (with its `PTTL`); else the lock, taken with
-/// token `ARGV[1]` for `ARGV[2]` ms, or already held with that same token (a
+/// One try for a key (`KEYS`: lock, value, error). The value, with its
+/// `PTTL`, unless it is the very entry the caller wants replaced (`ARGV[3]`,
+/// its id; empty for a miss); else a remembered error, with its `PTTL` (no
+/// lead while a failure is remembered); else the lock, taken with token
+/// `ARGV[1]` for `ARGV[2]` ms, or already held with that same token (a
 /// retried attempt whose first try landed); else busy.
 ///
-/// Replies `{1, value, pttl}`, `{2}` (won) or `{3}` (another holder).
+/// Replies `{1, value, pttl}`, `{2}` (won), `{3}` (busy) or `{4, error, pttl}`.
 const TRY_LEAD: &str = r"
 local value = redis.call('get', KEYS[2])
-if value then
+if value and (ARGV[3] == '' or string.sub(value, 1, 32) ~= ARGV[3]) then
   return {1, value, redis.call('pttl', KEYS[2])}
+end
+local err = redis.call('get', KEYS[3])
+if err then
+  return {4, err, redis.call('pttl', KEYS[3])}
 end
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2}
@@ -34,39 +41,65 @@ end
 return {3}
 ";
 
-/// Stores `ARGV[2]` at the value `KEYS[2]` for `ARGV[3]` ms and publishes on
-/// `ARGV[4]`, unless another token holds the lock `KEYS[1]`: a paid answer is
-/// kept even when its lock expired or vanished with a restarted Redis. Without
-/// its lock, it never replaces a success that is already there (another
-/// leader's, which keeps its own lifetime; `ARGV[5]` is how every stored
-/// success begins), but it does replace a remembered error; and it
-/// recognises its own payload, stored by an earlier attempt whose reply was
-/// lost. Deletes the lock when it was ours.
+/// Stores a producer's answer (`ARGV[5]` = `value`: at `KEYS[2]`, clearing a
+/// remembered error `KEYS[3]`) or failure (`error`: at `KEYS[3]`, leaving a
+/// stale value in place) for `ARGV[3]` ms, and publishes it on `ARGV[4]`,
+/// unless another token holds the lock `KEYS[1]`: a paid answer is kept even
+/// when its lock expired or vanished with a restarted Redis. Without its
+/// lock, it never replaces an answer that is already there and is not the
+/// one it was produced to replace (`ARGV[6]`, an entry id, empty for a
+/// miss): another leader's, which keeps its own lifetime. It recognises its
+/// own payload, stored by an earlier attempt whose reply was lost. Deletes
+/// the lock when it was ours.
+///
+/// The message is `<kind> <pttl> <payload>`: waiters take the answer from it
+/// without another round trip.
 ///
 /// Replies 1 (stored, the lock was ours), 2 (stored, the lock was gone),
-/// 3 (already stored by an earlier attempt) or 0 (skipped: another holder,
-/// or another leader's answer).
+/// 3 (already stored by an earlier attempt) or 0 (skipped).
 const SETTLE: &str = r"
 local holder = redis.call('get', KEYS[1])
 if holder and holder ~= ARGV[1] then
   return 0
 end
+local target = KEYS[2]
+if ARGV[5] == 'error' then
+  target = KEYS[3]
+end
 if not holder then
-  local existing = redis.call('get', KEYS[2])
-  if existing == ARGV[2] then
+  if redis.call('get', target) == ARGV[2] then
     return 3
   end
-  if existing and string.sub(existing, 1, string.len(ARGV[5])) == ARGV[5] then
+  local value = redis.call('get', KEYS[2])
+  if value and string.sub(value, 1, 32) ~= ARGV[6] then
     return 0
   end
 end
-redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
-redis.call('publish', ARGV[4], 'done')
+redis.call('set', target, ARGV[2], 'PX', ARGV[3])
+if ARGV[5] == 'value' then
+  redis.call('del', KEYS[3])
+end
+redis.call('publish', ARGV[4], ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. ARGV[2])
 if holder then
   redis.call('del', KEYS[1])
   return 1
 end
 return 2
+";
+
+/// Records one invalidation: the next generation of the sequence `KEYS[1]`,
+/// for the scope field `ARGV[1]` (`stale|<scope>`) and, for an eviction,
+/// `ARGV[2]` (`evict|<scope>`) in the hash `KEYS[2]`; announces it on
+/// `ARGV[3]`. Atomic, so that whoever reads the sequence and then the hash
+/// finds every generation up to the one read.
+const INVALIDATE: &str = r"
+local generation = redis.call('incr', KEYS[1])
+redis.call('hset', KEYS[2], ARGV[1], generation)
+if ARGV[2] ~= '' then
+  redis.call('hset', KEYS[2], ARGV[2], generation)
+end
+redis.call('publish', ARGV[3], generation)
+return generation
 ";
 
 /// Extends the lock `KEYS[1]` to `ARGV[2]` ms while it holds token `ARGV[1]`.
@@ -108,8 +141,13 @@ pub(super) fn time_left(pttl: i64, no_expiry: Duration) -> Option<Duration> {
 /// What one try for a key's lead found.
 #[derive(Debug)]
 pub(super) enum TryReply {
-    /// The key's value, with its `PTTL`.
+    /// The key's value (its id and entry), with its `PTTL`.
     Found {
+        payload: Vec<u8>,
+        pttl: i64,
+    },
+    /// A remembered failure, with its `PTTL`.
+    Failed {
         payload: Vec<u8>,
         pttl: i64,
     },
@@ -117,11 +155,23 @@ pub(super) enum TryReply {
     Busy,
 }
 
-pub(super) fn try_lead(layout: &KeyLayout, key: &CacheKey, token: &str, ttl: Duration) -> Cmd {
+/// One try for `key`; `replaces` is the id of the entry the caller wants
+/// replaced (a refresh), `None` for a miss.
+pub(super) fn try_lead(
+    layout: &KeyLayout,
+    key: &CacheKey,
+    token: &str,
+    ttl: Duration,
+    replaces: Option<&str>,
+) -> Cmd {
     eval(
         TRY_LEAD,
-        &[&layout.lock(key), &layout.value(key)],
-        &[token.as_bytes(), ttl.as_millis().to_string().as_bytes()],
+        &[&layout.lock(key), &layout.value(key), &layout.error(key)],
+        &[
+            token.as_bytes(),
+            ttl.as_millis().to_string().as_bytes(),
+            replaces.unwrap_or_default().as_bytes(),
+        ],
     )
 }
 
@@ -130,13 +180,18 @@ pub(super) fn parse_try_reply(reply: &Value) -> Option<TryReply> {
         return None;
     };
     let int = |i: usize| redis::from_redis_value_ref::<i64>(items.get(i)?).ok();
+    let bytes = |i: usize| redis::from_redis_value_ref::<Vec<u8>>(items.get(i)?).ok();
     match int(0)? {
         1 => Some(TryReply::Found {
-            payload: redis::from_redis_value_ref::<Vec<u8>>(items.get(1)?).ok()?,
+            payload: bytes(1)?,
             pttl: int(2)?,
         }),
         2 => Some(TryReply::Won),
         3 => Some(TryReply::Busy),
+        4 => Some(TryReply::Failed {
+            payload: bytes(1)?,
+            pttl: int(2)?,
+        }),
         _ => None,
     }
 }
@@ -154,24 +209,67 @@ pub(super) enum SettleReply {
     Skipped,
 }
 
+/// What a settle stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settling {
+    Value,
+    Error,
+}
+
+impl Settling {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Settling::Value => "value",
+            Settling::Error => "error",
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(super) fn settle(
     layout: &KeyLayout,
     key: &CacheKey,
     token: &str,
     payload: &[u8],
     ttl: Duration,
+    settling: Settling,
+    replaces: Option<&str>,
 ) -> Cmd {
     eval(
         SETTLE,
-        &[&layout.lock(key), &layout.value(key)],
+        &[&layout.lock(key), &layout.value(key), &layout.error(key)],
         &[
             token.as_bytes(),
             payload,
             ttl.as_millis().max(1).to_string().as_bytes(),
             layout.done_channel(key).as_bytes(),
-            super::store::VALUE_PREFIX,
+            settling.as_str().as_bytes(),
+            replaces.unwrap_or_default().as_bytes(),
         ],
     )
+}
+
+/// A settle's message on the `done` channel: what was stored, for how long.
+pub(super) struct Settled<'a> {
+    pub(super) settling: Settling,
+    pub(super) pttl: i64,
+    pub(super) payload: &'a [u8],
+}
+
+/// Reads a `done` message (`<kind> <pttl> <payload>`).
+pub(super) fn parse_settled(message: &[u8]) -> Option<Settled<'_>> {
+    let mut parts = message.splitn(3, |&b| b == b' ');
+    let settling = match parts.next()? {
+        b"value" => Settling::Value,
+        b"error" => Settling::Error,
+        _ => return None,
+    };
+    let pttl = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    Some(Settled {
+        settling,
+        pttl,
+        payload: parts.next()?,
+    })
 }
 
 pub(super) fn parse_settle_reply(reply: i64) -> SettleReply {
@@ -185,6 +283,24 @@ pub(super) fn parse_settle_reply(reply: i64) -> SettleReply {
 
 pub(super) fn release(layout: &KeyLayout, key: &CacheKey, token: &str) -> Cmd {
     eval(DELETE_IF, &[&layout.lock(key)], &[token.as_bytes()])
+}
+
+pub(super) fn invalidate(layout: &KeyLayout, scope_field: &str, evict: bool) -> Cmd {
+    let stale = format!("stale|{scope_field}");
+    let evicted = if evict {
+        format!("evict|{scope_field}")
+    } else {
+        String::new()
+    };
+    eval(
+        INVALIDATE,
+        &[&layout.invalidation_sequence(), &layout.invalidations()],
+        &[
+            stale.as_bytes(),
+            evicted.as_bytes(),
+            layout.invalidated_channel().as_bytes(),
+        ],
+    )
 }
 
 /// Writes `probe_key` for a second: whether Redis runs the scripts and

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::{AsyncConnectionConfig, PushInfo, PushKind};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::health::{Backoff, Health};
@@ -33,10 +33,21 @@ pub(super) struct Subscriptions {
     ops: mpsc::UnboundedSender<Op>,
     /// Whether a subscriber connection is up: without one, waiters poll.
     connected: AtomicBool,
+    /// Channels subscribed on every connection, whoever waits, and who is
+    /// told of their messages.
+    permanent: Vec<(String, Arc<Notify>)>,
+}
+
+/// What wakes the waiters of one key: a count of wake-ups, and the last
+/// `done` message (the settled answer itself).
+#[derive(Default)]
+struct Wake {
+    count: u64,
+    done: Option<Arc<Vec<u8>>>,
 }
 
 struct Watched {
-    wake: watch::Sender<u64>,
+    wake: watch::Sender<Wake>,
     waiters: usize,
     channels: Vec<String>,
 }
@@ -51,22 +62,27 @@ enum Op {
 /// One waiter's registration; unsubscribes when the last waiter of a key leaves.
 pub(super) struct KeyWatch {
     hash: String,
-    wake: watch::Receiver<u64>,
+    wake: watch::Receiver<Wake>,
     subscriptions: Arc<Subscriptions>,
 }
 
 impl Subscriptions {
-    /// Starts the connection task on `client` (which must speak RESP3).
+    /// Starts the connection task on `client` (which must speak RESP3);
+    /// `permanent` channels are always subscribed, and each message on one
+    /// (and each reconnection, when messages may have been lost) notifies
+    /// its `Notify`.
     pub(super) fn start(
         client: redis::Client,
         health: Arc<Health>,
         timeout: Duration,
+        permanent: Vec<(String, Arc<Notify>)>,
     ) -> (Arc<Subscriptions>, JoinHandle<()>) {
         let (ops, op_rx) = mpsc::unbounded_channel();
         let subscriptions = Arc::new(Subscriptions {
             by_key: Mutex::new(HashMap::new()),
             ops,
             connected: AtomicBool::new(false),
+            permanent,
         });
         let task = tokio::spawn(Arc::clone(&subscriptions).run(client, op_rx, health, timeout));
         (subscriptions, task)
@@ -88,7 +104,7 @@ impl Subscriptions {
                     (watched.wake.subscribe(), None)
                 }
                 None => {
-                    let (tx, rx) = watch::channel(0);
+                    let (tx, rx) = watch::channel(Wake::default());
                     let (done_tx, done_rx) = oneshot::channel();
                     let _ = self.ops.send(Op::Subscribe(channels.clone(), done_tx));
                     by_key.insert(
@@ -128,13 +144,22 @@ impl Subscriptions {
 
     fn wanted_channels(&self) -> Vec<String> {
         let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        by_key.values().flat_map(|w| w.channels.clone()).collect()
+        by_key
+            .values()
+            .flat_map(|w| w.channels.clone())
+            .chain(self.permanent.iter().map(|(channel, _)| channel.clone()))
+            .collect()
     }
 
-    fn wake(&self, hash: &str) {
+    fn wake(&self, hash: &str, done: Option<Arc<Vec<u8>>>) {
         let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(watched) = by_key.get(hash) {
-            watched.wake.send_modify(|n| *n = n.wrapping_add(1));
+            watched.wake.send_modify(|wake| {
+                wake.count = wake.count.wrapping_add(1);
+                if done.is_some() {
+                    wake.done = done;
+                }
+            });
         }
     }
 
@@ -142,7 +167,12 @@ impl Subscriptions {
     fn wake_all(&self) {
         let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         for watched in by_key.values() {
-            watched.wake.send_modify(|n| *n = n.wrapping_add(1));
+            watched
+                .wake
+                .send_modify(|wake| wake.count = wake.count.wrapping_add(1));
+        }
+        for (_, notify) in &self.permanent {
+            notify.notify_one();
         }
     }
 
@@ -258,12 +288,26 @@ impl Subscriptions {
         if push.kind != PushKind::Message {
             return;
         }
-        let channel = push
+        let Some(channel) = push
             .data
             .first()
-            .and_then(|value| redis::from_redis_value_ref::<String>(value).ok());
-        if let Some(hash) = channel.as_deref().and_then(hash_of_channel) {
-            self.wake(hash);
+            .and_then(|value| redis::from_redis_value_ref::<String>(value).ok())
+        else {
+            return;
+        };
+        if let Some((_, notify)) = self.permanent.iter().find(|(c, _)| *c == channel) {
+            notify.notify_one();
+            return;
+        }
+        if let Some(hash) = hash_of_channel(&channel) {
+            // A settle's own message carries what it stored.
+            let done = channel
+                .ends_with(":done")
+                .then(|| push.data.get(1))
+                .flatten()
+                .and_then(|value| redis::from_redis_value_ref::<Vec<u8>>(value).ok())
+                .map(Arc::new);
+            self.wake(hash, done);
         }
     }
 }
@@ -279,6 +323,12 @@ impl KeyWatch {
         if self.wake.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+
+    /// The last `done` message of the key (what its settle stored), if one
+    /// came since the watch began.
+    pub(super) fn settled(&self) -> Option<Arc<Vec<u8>>> {
+        self.wake.borrow().done.clone()
     }
 }
 

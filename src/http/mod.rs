@@ -7,14 +7,13 @@ use std::time::Duration;
 use async_graphql::dataloader::DataLoader;
 use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::ExecutableDocument;
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode, Version, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::{Stream, StreamExt};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::time::Instant;
@@ -22,17 +21,27 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::aggregate::Aggregator;
 use crate::auth::{Authenticator, Identity};
-use crate::coalesce::{Counters, StoreHealth};
-use crate::config::GraphqlLimits;
+use crate::coalesce::{Counters, Invalidator, StoreHealth};
+use crate::config::{AdminToken, GraphqlLimits};
 use crate::graphql::limits::{
     DocumentLimits, DocumentSummary, LimitError, check_document, check_tokens,
 };
 use crate::graphql::{
-    AggregateLoader, DegradedMarker, ErrorCode, GatewaySchema, classify_request_errors,
+    AggregateLoader, AnswerFacts, ErrorCode, GatewaySchema, classify_request_errors,
 };
 use crate::readiness::{Phase, Readiness};
 use crate::telemetry::{self, names};
 use tracing::Instrument;
+
+mod admin;
+mod body_limit;
+mod caching;
+mod media;
+mod persisted;
+
+use self::body_limit::{BodyLimit, Linger, limit_body};
+pub use self::media::ResponseMedia;
+pub use self::persisted::PersistedQueries;
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -48,6 +57,11 @@ pub struct AppState {
     pub counters: Arc<dyn Counters>,
     /// How the shared store is doing, for `/readyz`.
     pub store_health: Arc<dyn StoreHealth>,
+    /// Where `POST /admin/invalidate` goes.
+    pub invalidator: Arc<dyn Invalidator>,
+    /// `None`: the admin routes answer 404.
+    pub admin_token: Option<AdminToken>,
+    pub persisted_queries: PersistedQueries,
     pub metrics: PrometheusHandle,
     pub request_timeout: Duration,
     pub instance_id: Arc<str>,
@@ -136,6 +150,7 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/admin/invalidate", post(admin::invalidate))
         // Layers run outside-in in reverse order of these calls: a panic is
         // caught outermost (so it is timed and counted as a 500), and bodies
         // are read and limited (413s timed and counted too) before any
@@ -188,21 +203,26 @@ async fn post_answer(
             }
             Err(err) => return request_error(&format!("the body is not a GraphQL batch: {err}")),
         };
-        let responses = futures_util::future::join_all(
+        let executed = futures_util::future::join_all(
             requests
                 .into_iter()
                 .map(|request| execute(state, headers, identity.clone(), request)),
         )
         .await;
+        let degraded = executed.iter().any(|(_, facts)| facts.degraded());
+        let responses: Vec<async_graphql::Response> =
+            executed.into_iter().map(|(response, _)| response).collect();
         // Batches are not part of GraphQL over HTTP: each answer as with
         // application/json, the whole with status 200.
-        let degraded = responses.iter().any(is_degraded);
-        return with_degraded_flag(degraded, Json(responses).into_response());
+        return no_store(with_degraded_flag(
+            degraded,
+            Json(responses).into_response(),
+        ));
     }
     match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => {
-            let response = execute(state, headers, identity, request).await;
-            with_degraded_flag(is_degraded(&response), media.answer(response))
+            let (response, facts) = execute(state, headers, identity, request).await;
+            no_store(with_degraded_flag(facts.degraded(), media.answer(response)))
         }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
@@ -272,114 +292,90 @@ async fn graphql_get(
         match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
             Ok(request) => {
                 let identity = state.identify(&headers);
-                let response = execute(&state, &headers, identity, request).await;
-                with_degraded_flag(is_degraded(&response), media.answer(response))
+                let scope = identity.scope_fingerprint();
+                let (response, facts) = execute(&state, &headers, identity, request).await;
+                with_degraded_flag(
+                    facts.degraded(),
+                    cacheable_answer(&headers, media, &response, &facts, &scope),
+                )
             }
             Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
         },
     )
 }
 
-/// The media type of a GraphQL answer, chosen from the request's `Accept`
-/// as GraphQL over HTTP says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResponseMedia {
-    /// `application/json`: every GraphQL answer is 200, request errors
-    /// included (with `data: null`). Also for `*/*` and no `Accept` at all.
-    Json,
-    /// `application/graphql-response+json`: a request that fails before
-    /// execution (it does not parse or validate, its variables do not
-    /// coerce, a limit or a missing credential refuses it) is 400 without a
-    /// `data` entry; an executed one is 200.
-    GraphqlResponse,
-}
-
-impl ResponseMedia {
-    pub const GRAPHQL_RESPONSE_JSON: &'static str = "application/graphql-response+json";
-
-    /// The acceptable media type with the highest `q`; on a tie, the one the
-    /// client listed first. Neither acceptable (or no `Accept`): JSON.
-    pub fn negotiate(headers: &HeaderMap) -> ResponseMedia {
-        let mut best: Option<(f32, ResponseMedia)> = None;
-        let ranges = headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','));
-        for range in ranges {
-            let mut parts = range.split(';');
-            let essence = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
-            let q = parts
-                .filter_map(|param| param.split_once('='))
-                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
-                .and_then(|(_, value)| value.trim().parse::<f32>().ok())
-                .unwrap_or(1.0);
-            let media = match essence.as_str() {
-                Self::GRAPHQL_RESPONSE_JSON => ResponseMedia::GraphqlResponse,
-                "application/json" | "application/*" | "*/*" => ResponseMedia::Json,
-                _ => continue,
-            };
-            if q > 0.0 && best.is_none_or(|(best_q, _)| q > best_q) {
-                best = Some((q, media));
-            }
-        }
-        best.map_or(ResponseMedia::Json, |(_, media)| media)
+/// A `GET` answer with its `ETag` and `Cache-Control`; `304` without a body
+/// when the client has it already (`If-None-Match`).
+fn cacheable_answer(
+    headers: &HeaderMap,
+    media: ResponseMedia,
+    response: &async_graphql::Response,
+    facts: &AnswerFacts,
+    scope: &str,
+) -> Response {
+    let (status, body) = media.encode(response);
+    let cache_control = caching::cache_control(facts, !response.errors.is_empty());
+    let etag = caching::etag(scope, &body);
+    if status == StatusCode::OK && caching::not_modified(headers, &etag) {
+        return (
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag), (header::CACHE_CONTROL, cache_control)],
+        )
+            .into_response();
     }
-
-    /// One GraphQL answer in this media type.
-    fn answer(self, response: async_graphql::Response) -> Response {
-        match self {
-            ResponseMedia::Json => Json(response).into_response(),
-            ResponseMedia::GraphqlResponse => {
-                // Execution gives every field error a path; errors with none
-                // and no data mean the request never reached execution.
-                let request_error = response.data == async_graphql::Value::Null
-                    && !response.errors.is_empty()
-                    && response.errors.iter().all(|error| error.path.is_empty());
-                let mut body = serde_json::to_value(&response).unwrap_or_default();
-                let status = if request_error {
-                    if let Some(body) = body.as_object_mut() {
-                        body.remove("data");
-                    }
-                    StatusCode::BAD_REQUEST
-                } else {
-                    StatusCode::OK
-                };
-                (status, Json(body)).into_response()
-            }
-        }
-    }
-
-    /// Labels a JSON answer (GraphQL, or a 400 for a body that is not
-    /// GraphQL) with this media type; `application/json` ones stay as they are.
-    fn label(self, mut response: Response) -> Response {
-        let is_json = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
-        if self == ResponseMedia::GraphqlResponse && is_json {
-            response.headers_mut().insert(
+    (
+        status,
+        [
+            (
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static(
-                    "application/graphql-response+json; charset=utf-8",
-                ),
-            );
-        }
-        response
-    }
+                header::HeaderValue::from_static("application/json"),
+            ),
+            (header::ETAG, etag),
+            (header::CACHE_CONTROL, cache_control),
+        ],
+        body,
+    )
+        .into_response()
 }
 
+/// `POST` answers are never stored by browsers or shared caches.
+fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+/// Runs one GraphQL request; also says what its answers were like.
 async fn execute(
     state: &AppState,
     headers: &HeaderMap,
     identity: Identity,
     mut request: async_graphql::Request,
-) -> async_graphql::Response {
+) -> (async_graphql::Response, AnswerFacts) {
     let started = std::time::Instant::now();
+    let facts = AnswerFacts::default();
+    // A persisted query's document, from its hash, before any limit looks
+    // at the request (its document is what the limits check).
+    let to_persist = match state.persisted_queries.resolve(&mut request).await {
+        Ok(to_persist) => to_persist,
+        Err(refused) => {
+            let error = coded_error(refused.message.to_owned(), refused.code);
+            return (async_graphql::Response::from_errors(vec![error]), facts);
+        }
+    };
     // The limits parse the document first, and the document names the
     // operation when the body does not (`query Panel { ... }` is `Panel`).
     let checked = check_limits(state, &mut request)
         .and_then(|summary| refuse_introspection(&identity, summary));
+    if let Some(hash) = to_persist
+        && checked.is_ok()
+        && request.parsed_query().is_ok()
+    {
+        // Only documents that parse and pass the limits are kept.
+        state.persisted_queries.store(hash, &request.query).await;
+    }
     let document_name = checked
         .as_ref()
         .ok()
@@ -408,7 +404,6 @@ async fn execute(
         span.record("trace_id", trace_id);
     }
 
-    let degraded = DegradedMarker::default();
     let mut response = match checked {
         Err(refused) => async_graphql::Response::from_errors(vec![refused]),
         Ok(_) => {
@@ -433,7 +428,7 @@ async fn execute(
                 &state.schema_without_suggestions
             };
             schema
-                .execute(request.data(loader).data(identity).data(degraded.clone()))
+                .execute(request.data(loader).data(identity).data(facts.clone()))
                 .instrument(span)
                 .await
         }
@@ -443,17 +438,13 @@ async fn execute(
         .record(started.elapsed().as_secs_f64());
     // Decided by how the answers were produced, not by how Redis is doing
     // now: a degraded answer always says so, and only those do.
-    if degraded.is_marked() {
+    if facts.degraded() {
         response.extensions.insert(
             DEGRADED_EXTENSION.to_owned(),
             async_graphql::Value::from(DEGRADED_VALUE),
         );
     }
-    response
-}
-
-fn is_degraded(response: &async_graphql::Response) -> bool {
-    response.extensions.contains_key(DEGRADED_EXTENSION)
+    (response, facts)
 }
 
 /// The cost limits async-graphql does not check: tokens before parsing, then
@@ -529,162 +520,17 @@ const DEGRADED_EXTENSION: &str = "degraded";
 const DEGRADED_VALUE: &str = "redis-unavailable";
 
 /// A request that is not GraphQL at all: HTTP 400 with a GraphQL-shaped body.
-fn request_error(message: &str) -> Response {
+pub(super) fn request_error(message: &str) -> Response {
     request_refused(StatusCode::BAD_REQUEST, message)
 }
 
 /// A request refused before GraphQL sees it: `status` with a GraphQL-shaped body.
-fn request_refused(status: StatusCode, message: &str) -> Response {
+pub(super) fn request_refused(status: StatusCode, message: &str) -> Response {
     (
         status,
-        Json(json!({"errors": [{"message": message, "extensions": {"code": "BAD_REQUEST"}}]})),
+        Json(json!({"errors": [{"message": message, "extensions": {"code": ErrorCode::BadRequest.as_str()}}]})),
     )
         .into_response()
-}
-
-/// The request body limit and how a refused body is drained.
-#[derive(Debug, Clone, Copy)]
-struct BodyLimit {
-    max_bytes: usize,
-    linger: Linger,
-}
-
-/// How much of a refused body is read and thrown away, at most, before the
-/// 413 is sent (see [`limit_body`]).
-#[derive(Debug, Clone, Copy)]
-struct Linger {
-    /// Longest the whole drain may take.
-    time: Duration,
-    /// Longest the client may send nothing.
-    idle: Duration,
-    /// Most bytes read and thrown away.
-    max_bytes: u64,
-}
-
-impl Linger {
-    /// nginx lingers up to 30 s with 5 s pauses; a gateway's clients are on
-    /// fast paths, and a few seconds bound what a slow one can hold. 64 MiB
-    /// covers any body a GraphQL client sends by mistake; past that, draining
-    /// would cost more than the answer is worth.
-    const DEFAULT: Linger = Linger {
-        time: Duration::from_secs(5),
-        idle: Duration::from_secs(2),
-        max_bytes: 64 * 1024 * 1024,
-    };
-}
-
-/// Reads request bodies in full before any handler runs, up to the limit,
-/// and refuses bigger ones with a 413 the client can read.
-///
-/// Most clients write a whole body before they read anything. A server that
-/// answers early and closes the connection with unread bytes in its socket
-/// makes the kernel send a reset, which destroys the answer on its way (the
-/// client gets "connection reset" or "broken pipe", never the 413); and a
-/// keep-alive client may send its next request down the dying connection.
-/// So, like nginx's lingering close, the rest of a refused body is read and
-/// thrown away (within [`Linger`]'s bounds: never kept, so memory stays flat),
-/// then the 413 goes out with `Connection: close`, and the connection ends
-/// with a clean close the client reads to the end. Two cases are refused at
-/// once: a client waiting on `Expect: 100-continue` has sent none of the body
-/// and never will, and a `Content-Length` too large to drain would be cut
-/// anyway. HTTP/2 needs none of this: a refused stream is reset on its own,
-/// the connection and its other streams go on.
-async fn limit_body(State(limit): State<BodyLimit>, request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
-    let size = body.size_hint();
-    if size.upper() == Some(0) {
-        return next.run(Request::from_parts(parts, body)).await;
-    }
-    let http1 = parts.version <= Version::HTTP_11;
-    // The announced `Content-Length`, when there is one; 0 when chunked.
-    let announced = size.lower();
-    let mut chunks = body.into_data_stream();
-    if announced > limit.max_bytes as u64 {
-        let waits_for_continue = parts
-            .headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        if http1 && !waits_for_continue && announced <= limit.linger.max_bytes {
-            linger(chunks, limit.linger).await;
-        }
-        return too_large(limit.max_bytes, http1);
-    }
-    let mut buffered = bytes::BytesMut::with_capacity(announced as usize);
-    while let Some(chunk) = chunks.next().await {
-        let chunk = match chunk {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                return request_error(&format!("the request body could not be read: {err}"));
-            }
-        };
-        if buffered.len() + chunk.len() > limit.max_bytes {
-            if http1 {
-                linger(chunks, limit.linger).await;
-            }
-            return too_large(limit.max_bytes, http1);
-        }
-        buffered.extend_from_slice(&chunk);
-    }
-    next.run(Request::from_parts(parts, Body::from(buffered.freeze())))
-        .await
-}
-
-/// HTTP 413; on HTTP/1, the connection closes after it.
-fn too_large(max_bytes: usize, http1: bool) -> Response {
-    let mut response = request_refused(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        &format!(
-            "the request body is larger than the {max_bytes} bytes this gateway accepts (MAX_BODY_BYTES)"
-        ),
-    );
-    if http1 {
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
-        );
-    }
-    response
-}
-
-/// How the drain of a refused body ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lingered {
-    /// The body ended: the connection can close cleanly.
-    Drained,
-    /// The client stopped sending for [`Linger::idle`].
-    Stalled,
-    /// [`Linger::time`] passed.
-    TooLong,
-    /// More than [`Linger::max_bytes`] came.
-    TooBig,
-    /// The body broke off (the client closed, or bad chunked framing).
-    Broken,
-}
-
-/// Reads and throws away the rest of a refused body, within `bounds`.
-async fn linger<S, E>(mut chunks: S, bounds: Linger) -> Lingered
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-{
-    let deadline = Instant::now() + bounds.time;
-    let mut discarded: u64 = 0;
-    let outcome = loop {
-        let wait = deadline.min(Instant::now() + bounds.idle);
-        match tokio::time::timeout_at(wait, chunks.next()).await {
-            Ok(None) => break Lingered::Drained,
-            Ok(Some(Err(_))) => break Lingered::Broken,
-            Ok(Some(Ok(chunk))) => {
-                discarded += chunk.len() as u64;
-                if discarded > bounds.max_bytes {
-                    break Lingered::TooBig;
-                }
-            }
-            Err(_) if Instant::now() >= deadline => break Lingered::TooLong,
-            Err(_) => break Lingered::Stalled,
-        }
-    };
-    tracing::debug!(?outcome, discarded, "drained a request body over the limit");
-    outcome
 }
 
 async fn healthz() -> &'static str {
@@ -743,104 +589,4 @@ async fn record_http(request: Request, next: Next) -> Response {
     )
     .record(started.elapsed().as_secs_f64());
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const BOUNDS: Linger = Linger {
-        time: Duration::from_secs(10),
-        idle: Duration::from_millis(50),
-        max_bytes: 1024,
-    };
-
-    fn chunk(n: usize) -> Result<Bytes, std::io::Error> {
-        Ok(Bytes::from(vec![b'x'; n]))
-    }
-
-    /// A body that ends within the bounds is read to its end.
-    #[tokio::test]
-    async fn a_body_that_ends_is_drained() {
-        let body = futures_util::stream::iter((0..10).map(|_| chunk(100)));
-        assert_eq!(linger(body, BOUNDS).await, Lingered::Drained);
-    }
-
-    /// More than `max_bytes` ends the drain, however fast they come.
-    #[tokio::test]
-    async fn an_endless_body_is_cut_after_max_bytes() {
-        let body = futures_util::stream::repeat_with(|| chunk(100));
-        assert_eq!(linger(body, BOUNDS).await, Lingered::TooBig);
-    }
-
-    /// A client silent for `idle` is not waited for any longer.
-    #[tokio::test]
-    async fn a_client_that_stops_sending_is_not_waited_for() {
-        let body = futures_util::stream::iter([chunk(100)]).chain(futures_util::stream::pending());
-        assert_eq!(linger(body, BOUNDS).await, Lingered::Stalled);
-    }
-
-    /// A client that keeps sending a byte now and then is cut after `time`.
-    #[tokio::test]
-    async fn a_slow_trickle_is_cut_after_the_linger_time() {
-        let bounds = Linger {
-            time: Duration::from_millis(200),
-            idle: Duration::from_secs(10),
-            max_bytes: u64::MAX,
-        };
-        let body = futures_util::stream::unfold((), |()| async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            Some((chunk(1), ()))
-        });
-        assert_eq!(linger(Box::pin(body), bounds).await, Lingered::TooLong);
-    }
-
-    /// A body that breaks off ends the drain at once.
-    #[tokio::test]
-    async fn a_body_that_breaks_off_ends_the_drain() {
-        let body = futures_util::stream::iter([
-            chunk(100),
-            Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
-        ]);
-        assert_eq!(linger(body, BOUNDS).await, Lingered::Broken);
-    }
-
-    #[test]
-    fn accept_chooses_by_q_then_by_order() {
-        let media = |accept: Option<&str>| {
-            let mut headers = HeaderMap::new();
-            if let Some(accept) = accept {
-                headers.insert(header::ACCEPT, accept.parse().expect("a header value"));
-            }
-            ResponseMedia::negotiate(&headers)
-        };
-        use ResponseMedia::{GraphqlResponse, Json};
-        let cases = [
-            (None, Json),
-            (Some("*/*"), Json),
-            (Some("text/html"), Json),
-            (Some("application/json"), Json),
-            (Some("application/graphql-response+json"), GraphqlResponse),
-            (
-                Some("Application/GraphQL-Response+JSON; charset=utf-8"),
-                GraphqlResponse,
-            ),
-            (
-                Some("application/graphql-response+json, application/json;q=0.9"),
-                GraphqlResponse,
-            ),
-            (
-                Some("application/json, application/graphql-response+json"),
-                Json,
-            ),
-            (Some("application/graphql-response+json;q=0.5, */*"), Json),
-            (
-                Some("application/graphql-response+json;q=0, application/json;q=0.1"),
-                Json,
-            ),
-        ];
-        for (accept, expected) in cases {
-            assert_eq!(media(accept), expected, "{accept:?}");
-        }
-    }
 }
