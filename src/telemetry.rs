@@ -3,7 +3,8 @@
 //! Span names: `graphql.request` (exported as `query <operation>`), `dataloader.batch`,
 //! `aggregate.produce`, `coalesce.try_lead` (one lookup and try for the locks
 //! of a batch of keys), `coalesce.wait` (one wait for another producer),
-//! `bi.call` (one per HTTP request to the BI).
+//! `cache.refresh` (a background refresh, a root span), `bi.call` (one per
+//! HTTP request to the BI).
 
 use std::sync::OnceLock;
 use std::time::Duration;
