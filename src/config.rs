@@ -16,10 +16,24 @@ pub struct Cli {
     #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: String,
 
-    /// `redis://` or `rediss://` URL of the shared cache; unset means embedded
-    /// single-instance mode (in-process cache and coalescing).
+    /// `redis://` or `rediss://` URL of the shared cache; unset (with the two
+    /// below) means embedded single-instance mode (in-process cache and coalescing).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// Comma-separated `redis://`/`rediss://` seed nodes of a Redis Cluster;
+    /// set instead of `REDIS_URL`.
+    #[arg(long, env = "REDIS_CLUSTER_NODES")]
+    pub redis_cluster_nodes: Option<String>,
+
+    /// Comma-separated `redis://` addresses of Redis Sentinels; with
+    /// `REDIS_SENTINEL_MASTER`, set instead of `REDIS_URL`.
+    #[arg(long, env = "REDIS_SENTINEL_NODES")]
+    pub redis_sentinel_nodes: Option<String>,
+
+    /// The Sentinel service name of the primary.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
 
     /// Base URL of a Cube-compatible REST API, ending in `/v1`; unset means the
     /// built-in simulated BI.
@@ -114,7 +128,11 @@ pub struct Cli {
     pub redis_timeout_ms: u64,
 
     /// Redis counts as down (degraded mode: in-process coalescing only) when
-    /// no command has succeeded for this long; unset means one lock TTL.
+    /// no command has succeeded, or coordination commands have been refused,
+    /// for this long. Unset means one lock TTL, except that a Redis Cluster
+    /// may refuse (`CLUSTERDOWN`) for as long as it takes to fail a primary
+    /// over (twice its `cluster-node-timeout`, plus one second): a failover
+    /// is waited out rather than paid for with one BI call per instance.
     #[arg(long, env = "REDIS_DOWN_AFTER_MS")]
     pub redis_down_after_ms: Option<u64>,
 
@@ -376,13 +394,36 @@ pub enum Coordination {
     Redis(RedisOptions),
 }
 
+/// Which Redis, and how it is deployed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisDeployment {
+    /// One server (`REDIS_URL`).
+    Single { url: String },
+    /// A Redis Cluster, found through any of these seed nodes.
+    Cluster { nodes: Vec<String> },
+    /// A primary found through these Sentinels, by its service name.
+    Sentinel { nodes: Vec<String>, master: String },
+}
+
+impl RedisDeployment {
+    /// Its name in `/readyz` and metrics.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            RedisDeployment::Single { .. } => "single",
+            RedisDeployment::Cluster { .. } => "cluster",
+            RedisDeployment::Sentinel { .. } => "sentinel",
+        }
+    }
+}
+
 /// How the gateway uses Redis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisOptions {
-    pub url: String,
+    pub deployment: RedisDeployment,
     pub lock_ttl: Duration,
     pub command_timeout: Duration,
-    pub down_after: Duration,
+    /// `REDIS_DOWN_AFTER_MS`; `None`: the default of the deployment.
+    pub down_after: Option<Duration>,
     pub configure_notifications: bool,
     pub local_cache: bool,
 }
@@ -544,21 +585,16 @@ impl Config {
                 base_url: parse_bi_url(url)?,
             },
         };
-        let coordination = match cli.redis_url.as_deref().map(str::trim) {
-            None | Some("") => Coordination::InProcess,
-            Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
-                Coordination::Redis(RedisOptions {
-                    url: url.to_owned(),
-                    lock_ttl: Duration::from_millis(cli.redis_lock_ttl_ms),
-                    command_timeout: Duration::from_millis(cli.redis_timeout_ms),
-                    down_after: Duration::from_millis(
-                        cli.redis_down_after_ms.unwrap_or(cli.redis_lock_ttl_ms),
-                    ),
-                    configure_notifications: cli.redis_configure_notifications,
-                    local_cache: cli.redis_local_cache,
-                })
-            }
-            Some(_) => return Err(bad("REDIS_URL", "must start with redis:// or rediss://")),
+        let coordination = match redis_deployment(&cli)? {
+            None => Coordination::InProcess,
+            Some(deployment) => Coordination::Redis(RedisOptions {
+                deployment,
+                lock_ttl: Duration::from_millis(cli.redis_lock_ttl_ms),
+                command_timeout: Duration::from_millis(cli.redis_timeout_ms),
+                down_after: cli.redis_down_after_ms.map(Duration::from_millis),
+                configure_notifications: cli.redis_configure_notifications,
+                local_cache: cli.redis_local_cache,
+            }),
         };
         for (variable, member) in [
             ("BI_CUSTOMER_MEMBER", &cli.bi_customer_member),
@@ -731,6 +767,87 @@ impl Config {
     }
 }
 
+/// The Redis deployment the variables name: exactly one of `REDIS_URL`,
+/// `REDIS_CLUSTER_NODES`, or `REDIS_SENTINEL_NODES` with
+/// `REDIS_SENTINEL_MASTER`; none means embedded mode.
+fn redis_deployment(cli: &Cli) -> Result<Option<RedisDeployment>, ConfigError> {
+    let set = |value: &Option<String>| {
+        value
+            .as_deref()
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    let url = set(&cli.redis_url);
+    let cluster = set(&cli.redis_cluster_nodes);
+    let sentinels = set(&cli.redis_sentinel_nodes);
+    let master = set(&cli.redis_sentinel_master);
+    let chosen: Vec<&str> = [
+        url.as_ref().map(|_| "REDIS_URL"),
+        cluster.as_ref().map(|_| "REDIS_CLUSTER_NODES"),
+        sentinels.as_ref().map(|_| "REDIS_SENTINEL_NODES"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if chosen.len() > 1 {
+        return Err(bad(
+            chosen[0],
+            format!(
+                "set only one Redis deployment: {} are both set",
+                chosen.join(" and ")
+            ),
+        ));
+    }
+    let urls = |variable: &'static str, list: &str| -> Result<Vec<String>, ConfigError> {
+        let urls: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty()
+            || !urls
+                .iter()
+                .all(|u| u.starts_with("redis://") || u.starts_with("rediss://"))
+        {
+            return Err(bad(
+                variable,
+                "must be comma-separated redis:// or rediss:// URLs",
+            ));
+        }
+        Ok(urls)
+    };
+    Ok(match (url, cluster, sentinels, master) {
+        (Some(url), _, _, _) => {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(bad("REDIS_URL", "must start with redis:// or rediss://"));
+            }
+            Some(RedisDeployment::Single { url })
+        }
+        (_, Some(nodes), _, _) => Some(RedisDeployment::Cluster {
+            nodes: urls("REDIS_CLUSTER_NODES", &nodes)?,
+        }),
+        (_, _, Some(nodes), Some(master)) => Some(RedisDeployment::Sentinel {
+            nodes: urls("REDIS_SENTINEL_NODES", &nodes)?,
+            master,
+        }),
+        (_, _, Some(_), None) => {
+            return Err(bad(
+                "REDIS_SENTINEL_MASTER",
+                "must name the primary's service when REDIS_SENTINEL_NODES is set",
+            ));
+        }
+        (_, _, None, Some(_)) => {
+            return Err(bad(
+                "REDIS_SENTINEL_NODES",
+                "must list the Sentinels when REDIS_SENTINEL_MASTER is set",
+            ));
+        }
+        (None, None, None, None) => None,
+    })
+}
+
 fn positive(variable: &'static str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
         Err(bad(variable, "must be greater than 0"))
@@ -802,6 +919,20 @@ mod tests {
         let cases: &[(&[&str], &str)] = &[
             (&["--listen", "nowhere"], "GATEWAY_LISTEN"),
             (&["--redis-url", "http://x"], "REDIS_URL"),
+            (
+                &[
+                    "--redis-url",
+                    "redis://a",
+                    "--redis-cluster-nodes",
+                    "redis://b",
+                ],
+                "REDIS_URL",
+            ),
+            (&["--redis-cluster-nodes", "b:1"], "REDIS_CLUSTER_NODES"),
+            (
+                &["--redis-sentinel-nodes", "redis://s:26379"],
+                "REDIS_SENTINEL_MASTER",
+            ),
             (&["--bi-url", "not a url"], "BI_URL"),
             (&["--bi-url", "ftp://cube/v1"], "BI_URL"),
             (&["--cache-ttl-secs", "0"], "CACHE_TTL_SECS"),

@@ -137,7 +137,7 @@ pub async fn run(
         )),
         Coordination::Redis(options) => Backend::of(
             RedisCoordinator::start(RedisSettings {
-                url: options.url.clone(),
+                deployment: options.deployment.clone(),
                 namespace: config.cache.namespace.clone(),
                 lock_ttl: options.lock_ttl,
                 command_timeout: options.command_timeout,

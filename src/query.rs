@@ -285,6 +285,12 @@ fn truncate_for_message(value: &str) -> String {
 pub struct CacheKey(Arc<str>);
 
 impl CacheKey {
+    /// A key with the given text, for unit tests of code that only names keys.
+    #[cfg(test)]
+    pub fn for_tests(text: &str) -> CacheKey {
+        CacheKey(format!("{text:0>64}").into())
+    }
+
     /// The full hex digest.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -49,6 +49,8 @@ pub mod names {
     pub const TAKEOVERS: &str = "analytics_gateway_redis_lock_takeovers_total";
     pub const REDIS_WAIT: &str = "analytics_gateway_redis_wait_duration_seconds";
     pub const PUBSUB_CHANNELS: &str = "analytics_gateway_redis_pubsub_channels";
+    pub const REDIS_NODES: &str = "analytics_gateway_redis_nodes";
+    pub const REDIS_MODE: &str = "analytics_gateway_redis_mode";
     pub const REDIS_COMMAND_FAILURES: &str = "analytics_gateway_redis_command_failures_total";
     pub const WAKE_LATENCY: &str = "analytics_gateway_coalesce_wake_duration_seconds";
     pub const REFRESHES: &str = "analytics_gateway_cache_refreshes_total";
@@ -96,6 +98,10 @@ pub mod names {
         "remembered_error",
         "over_budget",
     ];
+    /// `state` of the Redis nodes counted.
+    pub const NODE_STATES: &[&str] = &["known", "unreachable"];
+    /// `mode` of the Redis deployment.
+    pub const REDIS_MODES: &[&str] = &["single", "cluster", "sentinel"];
     /// `mode` of an invalidation.
     pub const INVALIDATION_MODES: &[&str] = &["stale", "evict"];
 }
@@ -260,6 +266,18 @@ pub const METRICS: &[MetricInfo] = {
             Gauge,
             "Pub/sub channels this instance is subscribed to",
         ),
+        metric(
+            REDIS_NODES,
+            Gauge,
+            "Redis nodes this instance knows of, and those unreachable (a cluster's failing nodes)",
+        )
+        .labels(&[("state", NODE_STATES)]),
+        metric(
+            REDIS_MODE,
+            Gauge,
+            "1 for the Redis deployment in use (single, cluster or sentinel)",
+        )
+        .labels(&[("mode", REDIS_MODES)]),
         metric(
             REDIS_COMMAND_FAILURES,
             Counter,

@@ -137,6 +137,9 @@ impl StoreHealth for LocalCoordinator {
         CoordinatorStatus {
             mode: "in-process",
             redis: "not_configured",
+            redis_mode: "none",
+            redis_nodes: Vec::new(),
+            redis_unreachable: Vec::new(),
             notifications: "in-process",
         }
     }

@@ -267,6 +267,13 @@ pub struct CoordinatorStatus {
     pub mode: &'static str,
     /// `up`, `down` or `not_configured`.
     pub redis: &'static str,
-    /// How waiters learn of answers: `keyspace` notifications, `polling`, or `in-process`.
+    /// The Redis deployment: `single`, `cluster`, `sentinel`; `none` embedded.
+    pub redis_mode: &'static str,
+    /// The Redis nodes known (a cluster's nodes, a Sentinel-managed primary).
+    pub redis_nodes: Vec<String>,
+    /// Those of them unreachable (or that the cluster marks failing).
+    pub redis_unreachable: Vec<String>,
+    /// How waiters learn of answers: `keyspace` notifications, `sharded`
+    /// channels (a cluster), `polling`, or `in-process`.
     pub notifications: &'static str,
 }

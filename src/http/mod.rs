@@ -553,6 +553,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "instance": &*state.instance_id,
         "bi": state.readiness.bi().as_str(),
         "redis": coordinator.redis,
+        "redisMode": coordinator.redis_mode,
+        "redisNodes": coordinator.redis_nodes,
+        "redisUnreachable": coordinator.redis_unreachable,
         "coordination": coordinator.mode,
         "notifications": coordinator.notifications,
     });

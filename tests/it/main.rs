@@ -17,6 +17,7 @@ mod introspection;
 mod metrics_docs;
 mod metrics_format;
 mod readiness;
+mod redis_cluster;
 mod redis_faults;
 mod redis_recovery;
 mod redis_refusals;

@@ -378,7 +378,8 @@ async fn subscribed_channels(url: &str, namespace: &str) -> Vec<String> {
     let channels: Vec<String> = query(&mut conn, redis::cmd("PUBSUB").arg("CHANNELS")).await;
     channels
         .into_iter()
-        .filter(|c| c.contains(namespace) && c.contains('{'))
+        // A key's channels (`{<hash>}`), not the permanent invalidation one.
+        .filter(|c| c.contains(namespace) && c.contains('{') && !c.contains("{invalidations}"))
         .collect()
 }
 

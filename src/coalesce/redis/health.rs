@@ -3,8 +3,10 @@
 //!
 //! Redis is **down** when no command has succeeded for `down_after` (one
 //! lock TTL by default), or when it has refused our commands (error replies:
-//! `READONLY` after a failover, `OOM`, `NOREPLICAS`, `MISCONF`...) for that
-//! long; then it stays down until a probe write succeeds. Before that, a slow
+//! `READONLY` after a failover, `OOM`, `NOREPLICAS`, `MISCONF`, a cluster's
+//! `CLUSTERDOWN`...) for `refuse_after` (the same, except on a cluster,
+//! where it covers a failover); then it stays down until a probe write
+//! succeeds. Before that, a slow
 //! or failed command is retried within the caller's deadline: a loaded
 //! machine, a Redis pause or a dropped connection shorter than a lock
 //! lifetime never turns into degraded mode, whose leads take no lock. A
@@ -18,11 +20,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisResult};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::connection::Commands;
 use crate::telemetry::names;
 
 /// How often the pinger asks Redis whether it is there, at most.
@@ -36,31 +38,37 @@ pub(super) struct Health {
     /// one; 0 means none ever did.
     last_success: AtomicU64,
     down_after: Duration,
+    /// How long coordination commands may be refused before Redis is down.
+    refuse_after: Duration,
     keyspace_notifications: AtomicBool,
     /// Milliseconds after `epoch`, plus one, of the first error reply to a
     /// coordination command (a script, a write) since the last one that
     /// succeeded; 0 when there is none. Reads that succeed meanwhile do not
     /// clear it: they prove Redis is there, not that it is usable.
     refused_since: AtomicU64,
-    /// Redis refused coordination commands for `down_after`: down until the
+    /// Redis refused coordination commands for `refuse_after`: down until the
     /// pinger's probe (a script that writes) succeeds.
     refusing: AtomicBool,
     /// The state last logged and exported, to report changes once.
     reported_up: AtomicBool,
+    /// The nodes of a cluster, as it last described itself.
+    nodes: std::sync::RwLock<NodesView>,
     /// Asks the pinger to check keyspace notifications now.
     recheck: Notify,
 }
 
 impl Health {
-    pub(super) fn new(down_after: Duration) -> Health {
+    pub(super) fn new(down_after: Duration, refuse_after: Duration) -> Health {
         Health {
             epoch: std::time::Instant::now(),
             last_success: AtomicU64::new(0),
             down_after,
+            refuse_after,
             keyspace_notifications: AtomicBool::new(false),
             refused_since: AtomicU64::new(0),
             refusing: AtomicBool::new(false),
             reported_up: AtomicBool::new(false),
+            nodes: std::sync::RwLock::default(),
             recheck: Notify::new(),
         }
     }
@@ -96,10 +104,13 @@ impl Health {
         let now = self.now_ms();
         let down_after = self.down_after.as_millis() as u64;
         let refused_since = self.refused_since.load(Ordering::Relaxed);
-        if refused_since != 0 && now.saturating_sub(refused_since) >= down_after {
+        if refused_since != 0
+            && now.saturating_sub(refused_since) >= self.refuse_after.as_millis() as u64
+        {
             if !self.refusing.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "Redis has refused the commands coordination needs for a lock lifetime: degraded until it accepts a write again"
+                    refuse_after_ms = self.refuse_after.as_millis() as u64,
+                    "Redis has refused the commands coordination needs for too long: degraded until it accepts a write again"
                 );
             }
             return false;
@@ -120,6 +131,22 @@ impl Health {
     pub(super) fn recheck_notifications(&self) {
         self.keyspace_notifications.store(false, Ordering::Relaxed);
         self.recheck.notify_one();
+    }
+
+    /// The longest failures may last before Redis counts as down.
+    pub(super) fn patience(&self) -> Duration {
+        self.down_after.max(self.refuse_after)
+    }
+
+    pub(super) fn nodes(&self) -> NodesView {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_nodes(&self, view: NodesView) {
+        metrics::gauge!(names::REDIS_NODES, "state" => "known").set(view.known.len() as f64);
+        metrics::gauge!(names::REDIS_NODES, "state" => "unreachable")
+            .set(view.unreachable.len() as f64);
+        *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = view;
     }
 
     /// How often the pinger must prove Redis alive for an idle instance never
@@ -147,6 +174,14 @@ impl Health {
     }
 }
 
+/// The Redis nodes this instance knows of, and those it cannot reach (or
+/// that the cluster marks failing).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NodesView {
+    pub known: Vec<String>,
+    pub unreachable: Vec<String>,
+}
+
 /// Why [`Link::persist`] gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Trouble {
@@ -159,18 +194,18 @@ pub(super) enum Trouble {
 /// The commands connection, noting every success in [`Health`].
 #[derive(Clone)]
 pub(super) struct Link {
-    conn: ConnectionManager,
+    pub(super) commands: Commands,
     pub(super) health: Arc<Health>,
 }
 
 impl Link {
-    pub(super) fn new(conn: ConnectionManager, health: Arc<Health>) -> Link {
-        Link { conn, health }
+    pub(super) fn new(commands: Commands, health: Arc<Health>) -> Link {
+        Link { commands, health }
     }
 
     /// A command that reads, or that coordination can do without.
     pub(super) async fn query<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
-        let reply = command.query_async(&mut self.conn.clone()).await;
+        let reply = self.commands.query(command).await;
         self.note(&reply, false);
         reply
     }
@@ -178,24 +213,33 @@ impl Link {
     /// A command coordination needs (a lock script, a fill, a write): its
     /// error replies count towards Redis refusing, its success ends that.
     pub(super) async fn coordinate<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
-        let reply = command.query_async(&mut self.conn.clone()).await;
+        let reply = self.commands.query(command).await;
         self.note(&reply, true);
         reply
     }
 
-    /// A pipeline of reads.
+    /// A pipeline of reads, on the keys of one slot.
     pub(super) async fn pipe<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
-        let reply = pipe.query_async(&mut self.conn.clone()).await;
+        let reply = self.commands.pipe(pipe).await;
         self.note(&reply, false);
         reply
     }
 
-    /// A pipeline with commands coordination needs (see [`Link::coordinate`]).
+    /// A pipeline coordination needs (see [`Link::coordinate`]), on the keys
+    /// of one slot.
     pub(super) async fn coordinate_pipe<T: FromRedisValue>(
         &self,
         pipe: &Pipeline,
     ) -> RedisResult<T> {
-        let reply = pipe.query_async(&mut self.conn.clone()).await;
+        let reply = self.commands.pipe(pipe).await;
+        self.note(&reply, true);
+        reply
+    }
+
+    /// Commands coordination needs on keys of any slots, in one round trip
+    /// (see [`Commands::each`]).
+    pub(super) async fn coordinate_each(&self, commands: &[Cmd]) -> RedisResult<Vec<redis::Value>> {
+        let reply = self.commands.each(commands).await;
         self.note(&reply, true);
         reply
     }
@@ -302,6 +346,15 @@ pub(super) struct PingerSettings {
 /// The first look at Redis, before serving: so that the first requests know
 /// where they stand. Returns Redis's `run_id` when it answered.
 pub(super) async fn first_check(link: &Link, settings: PingerSettings) -> Option<String> {
+    if link.commands.is_cluster() {
+        // Keyspace notifications are node-local: a cluster's waiters learn
+        // of answers through sharded channels, and poll for expired locks.
+        let ping = redis::cmd("PING");
+        let _ = tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+        learn_cluster_nodes(link, settings.command_timeout).await;
+        link.health.report();
+        return None;
+    }
     let run_id = run_id(link, settings.command_timeout).await;
     if run_id.is_some() {
         let keyspace = ensure_notifications(link, settings.configure_notifications).await;
@@ -322,7 +375,9 @@ pub(super) async fn watch_health(
     settings: PingerSettings,
     mut known: Option<String>,
     probe_key: String,
+    subscriptions: Arc<super::subscriptions::Subscriptions>,
 ) {
+    let cluster = link.commands.is_cluster();
     let every = link.health.ping_every();
     let run_id_every = (RUN_ID_EVERY.as_millis() / every.as_millis().max(1)).max(1) as u32;
     let mut tick = 0_u32;
@@ -338,6 +393,20 @@ pub(super) async fn watch_health(
         };
         recheck_owed |= asked;
         tick = tick.wrapping_add(1);
+        // Behind Sentinels, ask who the primary is: a failover is followed
+        // here, and the subscriber moves to the new primary with it.
+        if let Commands::Sentinel(primary) = &link.commands
+            && tick.is_multiple_of(run_id_every.div_ceil(2))
+        {
+            match primary.follow().await {
+                Ok(true) => {
+                    subscriptions.reconnect();
+                    recheck_owed = true;
+                }
+                Ok(false) => {}
+                Err(err) => tracing::debug!(error = %err, "the Sentinels did not answer"),
+            }
+        }
         if link.health.refusing.load(Ordering::Relaxed) {
             // The kind of command coordination needs: a script that writes.
             let wrote =
@@ -346,6 +415,16 @@ pub(super) async fn watch_health(
                 tracing::info!("Redis accepts writes again");
                 link.health.refusing.store(false, Ordering::Relaxed);
                 recheck_owed = true;
+            }
+        } else if cluster {
+            // No notifications to check (see `first_check`): a ping, and
+            // now and then the nodes, for `/readyz`.
+            let ping = redis::cmd("PING");
+            let _ =
+                tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+            if recheck_owed || tick.is_multiple_of(run_id_every) {
+                recheck_owed = false;
+                learn_cluster_nodes(&link, settings.command_timeout).await;
             }
         } else if recheck_owed || !was_up || tick.is_multiple_of(run_id_every) || known.is_none() {
             if let Some(id) = run_id(&link, settings.command_timeout).await {
@@ -381,6 +460,31 @@ pub(super) async fn watch_health(
         }
         link.health.report();
     }
+}
+
+/// Reads the cluster's nodes (`CLUSTER NODES`) into [`Health`]: which are
+/// known, and which the cluster marks failing.
+async fn learn_cluster_nodes(link: &Link, timeout: Duration) {
+    let nodes = redis::cmd("CLUSTER").arg("NODES").to_owned();
+    let Ok(Ok(text)) = tokio::time::timeout(timeout, link.query::<String>(&nodes)).await else {
+        return;
+    };
+    let mut view = NodesView::default();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(_id), Some(address), Some(flags)) = (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let address = address.split('@').next().unwrap_or(address).to_owned();
+        if flags.contains("fail") {
+            view.unreachable.push(address.clone());
+        }
+        view.known.push(address);
+    }
+    view.known.sort();
+    view.unreachable.sort();
+    link.health.set_nodes(view);
 }
 
 async fn run_id(link: &Link, timeout: Duration) -> Option<String> {
@@ -462,14 +566,17 @@ mod tests {
     #[test]
     fn an_idle_instance_is_pinged_well_within_the_window() {
         for down_after_ms in [100, 200, 1_000, 3_000, 60_000] {
-            let health = Health::new(Duration::from_millis(down_after_ms));
+            let health = Health::new(
+                Duration::from_millis(down_after_ms),
+                Duration::from_millis(down_after_ms),
+            );
             assert!(health.ping_every() * 3 < health.down_after.max(Duration::from_millis(160)));
         }
     }
 
     #[test]
     fn down_means_no_success_for_the_whole_window() {
-        let health = Health::new(Duration::from_millis(50));
+        let health = Health::new(Duration::from_millis(50), Duration::from_millis(50));
         assert!(!health.is_up(), "never succeeded: down");
         health.succeeded();
         assert!(health.is_up());
@@ -480,5 +587,23 @@ mod tests {
         );
         health.succeeded();
         assert!(health.is_up());
+    }
+
+    #[test]
+    fn refusals_count_only_after_their_own_window() {
+        // A cluster failing a primary over: reads succeed, coordination
+        // commands are refused for longer than `down_after`.
+        let health = Health::new(Duration::from_millis(30), Duration::from_millis(150));
+        health.succeeded();
+        health.refused();
+        std::thread::sleep(Duration::from_millis(60));
+        health.succeeded();
+        assert!(health.is_up(), "refused for less than refuse_after: up");
+        std::thread::sleep(Duration::from_millis(120));
+        health.succeeded();
+        assert!(
+            !health.is_up(),
+            "refused for longer than refuse_after: down"
+        );
     }
 }

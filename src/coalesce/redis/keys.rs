@@ -16,14 +16,24 @@ pub(super) struct KeyLayout {
     prefix: String,
     /// The database number, for keyspace channel names.
     db: i64,
+    /// A Redis Cluster: channels are sharded (`SPUBLISH`/`SSUBSCRIBE`, which
+    /// reach their slot's subscribers wherever they are connected), and
+    /// keyspace notifications, node-local, are not used.
+    sharded: bool,
 }
 
 impl KeyLayout {
-    pub(super) fn new(namespace: &str, db: i64) -> KeyLayout {
+    pub(super) fn new(namespace: &str, db: i64, sharded: bool) -> KeyLayout {
         KeyLayout {
             prefix: format!("{namespace}:{VERSION}"),
             db,
+            sharded,
         }
+    }
+
+    /// The command that publishes on this layout's channels.
+    pub(super) fn publish_command(&self) -> &'static str {
+        if self.sharded { "spublish" } else { "publish" }
     }
 
     pub(super) fn value(&self, key: &CacheKey) -> String {
@@ -68,16 +78,17 @@ impl KeyLayout {
     /// expiry of the lock means its holder is gone).
     pub(super) fn channels(&self, key: &CacheKey, keyspace: bool) -> Vec<String> {
         let mut channels = vec![self.done_channel(key)];
-        if keyspace {
+        if keyspace && !self.sharded {
             channels.push(self.keyspace_channel(&self.value(key)));
             channels.push(self.keyspace_channel(&self.lock(key)));
         }
         channels
     }
 
-    /// Announces every invalidation (its generation).
+    /// Announces every invalidation (its generation); in the slot of the
+    /// invalidation keys, so a cluster shards it with them.
     pub(super) fn invalidated_channel(&self) -> String {
-        format!("{}:invalidated", self.prefix)
+        format!("{}:{{invalidations}}:announce", self.prefix)
     }
 
     /// The sequence of invalidation generations (one hash tag with
@@ -117,5 +128,12 @@ mod tests {
         );
         assert_eq!(hash_of_channel("ag:v2:{abc123}:done"), Some("abc123"));
         assert_eq!(hash_of_channel("nothing here"), None);
+        let sharded = KeyLayout::new("ag", 0, true);
+        let key = crate::query::CacheKey::for_tests("abc");
+        assert_eq!(
+            sharded.channels(&key, true).len(),
+            1,
+            "no keyspace channels in a cluster"
+        );
     }
 }

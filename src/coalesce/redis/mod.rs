@@ -13,6 +13,7 @@
 //! the holder's lock has left, so a lost notification costs time, never
 //! correctness.
 
+mod connection;
 mod health;
 mod keys;
 mod scripts;
@@ -23,13 +24,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, ProtocolVersion, Value};
+use redis::Value;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 use tracing::field::Empty;
 
+use self::connection::Commands;
 use self::health::{Backoff, Health, Link, PingerSettings, Trouble};
 use self::keys::KeyLayout;
 use self::scripts::{AbortOnDrop, SettleReply, Settling, TryReply};
@@ -41,18 +42,20 @@ use super::{
     StoreUnavailable, Waited, Want,
 };
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
+use crate::config::RedisDeployment;
 use crate::query::CacheKey;
 use crate::telemetry::names;
 
 /// Everything the Redis coordinator is configured with.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    pub deployment: RedisDeployment,
     pub namespace: String,
     pub lock_ttl: Duration,
     pub command_timeout: Duration,
     /// Redis is down after this long without one successful command.
-    pub down_after: Duration,
+    /// `None`: one lock TTL, or a cluster's failover time (see `REDIS_DOWN_AFTER_MS`).
+    pub down_after: Option<Duration>,
     /// Whether the gateway may `CONFIG SET notify-keyspace-events`.
     pub configure_notifications: bool,
     /// Whether hits may be served from process memory while Redis is up.
@@ -104,41 +107,41 @@ impl RedisCoordinator {
     /// Sets up the connections without waiting for Redis: an unreachable
     /// Redis at start means degraded mode until it comes up.
     pub async fn start(settings: RedisSettings) -> Result<RedisCoordinator, RedisSetupError> {
-        let info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|err| RedisSetupError(format!("not a usable Redis URL: {err}")))?;
-        let db = info.redis_settings().db();
-        let commands_client =
-            redis::Client::open(info.clone()).map_err(|err| RedisSetupError(err.to_string()))?;
-        let commands = ConnectionManager::new_lazy_with_config(
-            commands_client,
-            ConnectionManagerConfig::new()
-                .set_response_timeout(Some(settings.command_timeout))
-                .set_connection_timeout(Some(settings.command_timeout))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_millis(500)),
-        )
-        .map_err(|err| RedisSetupError(err.to_string()))?;
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let subscriber_client = redis::Client::open(info.set_redis_settings(resp3))
-            .map_err(|err| RedisSetupError(err.to_string()))?;
-
-        let health = Arc::new(Health::new(settings.down_after));
+        let (commands, subscriber, db) =
+            connection::open(&settings.deployment, settings.command_timeout)?;
+        // A cluster refuses everything while it fails a primary over:
+        // waited out, unless the operator chose otherwise.
+        let (down_after, refuse_after) = match settings.down_after {
+            Some(down_after) => (down_after, down_after),
+            None => (
+                settings.lock_ttl,
+                connection::failover_time(&settings.deployment)
+                    .await
+                    .map_or(settings.lock_ttl, |failover| {
+                        failover.max(settings.lock_ttl)
+                    }),
+            ),
+        };
+        let health = Arc::new(Health::new(down_after, refuse_after));
+        for mode in names::REDIS_MODES {
+            let on = *mode == settings.deployment.mode();
+            metrics::gauge!(names::REDIS_MODE, "mode" => *mode).set(if on { 1.0 } else { 0.0 });
+        }
         let link = Link::new(commands, Arc::clone(&health));
+        if let Commands::Sentinel(primary) = &link.commands
+            && let Err(err) = primary.follow().await
+        {
+            tracing::warn!(error = %err, "the Sentinels did not name a primary yet");
+        }
         let pinger = PingerSettings {
             configure_notifications: settings.configure_notifications,
             command_timeout: settings.command_timeout,
         };
         let run_id = health::first_check(&link, pinger).await;
-        let layout = KeyLayout::new(&settings.namespace, db);
+        let layout = KeyLayout::new(&settings.namespace, db, link.commands.is_cluster());
         let invalidated = Arc::new(tokio::sync::Notify::new());
         let (subscriptions, subscriber_task) = Subscriptions::start(
-            subscriber_client,
+            subscriber,
             health,
             settings.command_timeout,
             vec![(layout.invalidated_channel(), Arc::clone(&invalidated))],
@@ -148,6 +151,7 @@ impl RedisCoordinator {
             pinger,
             run_id,
             layout.probe(&settings.instance_id),
+            Arc::clone(&subscriptions),
         ));
         let invalidations = Arc::new(Invalidations::default());
         follow_invalidations_once(&link, &layout, &invalidations).await;
@@ -249,7 +253,7 @@ impl RedisCoordinator {
             settling,
             lease.replaces.as_deref(),
         );
-        let deadline = Instant::now() + self.settings.down_after + self.settings.command_timeout;
+        let deadline = Instant::now() + self.health().patience() + self.settings.command_timeout;
         self.link
             .persist("fill", deadline, || self.link.coordinate::<i64>(&command))
             .await
@@ -435,10 +439,11 @@ impl Coordinator for RedisCoordinator {
             found = Empty
         );
         let tokens: Vec<String> = wants.iter().map(|_| self.new_token()).collect();
-        let mut pipe = redis::pipe();
-        pipe.pttl(self.layout.cooldown());
+        // The BI's cool-down, then one script per key: one pipeline on one
+        // server, side by side (each to its slot) in a cluster.
+        let mut commands = vec![redis::cmd("PTTL").arg(self.layout.cooldown()).to_owned()];
         for (want, token) in wants.iter().zip(&tokens) {
-            pipe.add_command(scripts::try_lead(
+            commands.push(scripts::try_lead(
                 &self.layout,
                 &want.key,
                 token,
@@ -448,7 +453,7 @@ impl Coordinator for RedisCoordinator {
         }
         let replies: Vec<Value> = match self
             .link
-            .persist("lock", deadline, || self.link.coordinate_pipe(&pipe))
+            .persist("lock", deadline, || self.link.coordinate_each(&commands))
             .instrument(span.clone())
             .await
         {
@@ -697,16 +702,55 @@ impl DocumentStore for RedisCoordinator {
 
 impl StoreHealth for RedisCoordinator {
     fn describe(&self) -> CoordinatorStatus {
-        CoordinatorStatus {
-            mode: "redis",
-            redis: if self.health().is_up() { "up" } else { "down" },
-            notifications: if self.health().keyspace_notifications() {
-                "keyspace"
+        let up = self.health().is_up();
+        let (nodes, mut unreachable) = match (&self.settings.deployment, &self.link.commands) {
+            (RedisDeployment::Cluster { .. }, _) => {
+                let view = self.health().nodes();
+                (view.known, view.unreachable)
+            }
+            (_, Commands::Sentinel(primary)) => {
+                (primary.primary_address().into_iter().collect(), Vec::new())
+            }
+            (RedisDeployment::Single { url }, _) => (vec![redact(url)], Vec::new()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        if !up && unreachable.is_empty() {
+            unreachable.clone_from(&nodes);
+        }
+        let notifications = if self.link.commands.is_cluster() {
+            if self.subscriptions.is_connected() {
+                "sharded"
             } else {
                 "polling"
-            },
+            }
+        } else if self.health().keyspace_notifications() {
+            "keyspace"
+        } else {
+            "polling"
+        };
+        CoordinatorStatus {
+            mode: "redis",
+            redis: if up { "up" } else { "down" },
+            redis_mode: self.settings.deployment.mode(),
+            redis_nodes: nodes,
+            redis_unreachable: unreachable,
+            notifications,
         }
     }
+}
+
+/// `host:port` of a Redis URL, without credentials.
+fn redact(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .ok()
+        .and_then(|url| {
+            Some(format!(
+                "{}:{}",
+                url.host_str()?,
+                url.port().unwrap_or(6379)
+            ))
+        })
+        .unwrap_or_else(|| "redis".to_owned())
 }
 
 /// Keeps this process's view of the invalidations in step with Redis: at

@@ -52,7 +52,8 @@ return {3}
 /// own payload, stored by an earlier attempt whose reply was lost. Deletes
 /// the lock when it was ours.
 ///
-/// The message is `<kind> <pttl> <payload>`: waiters take the answer from it
+/// The message is `<kind> <pttl> <payload>`, published with `ARGV[7]`
+/// (`publish`, or `spublish` in a cluster): waiters take the answer from it
 /// without another round trip.
 ///
 /// Replies 1 (stored, the lock was ours), 2 (stored, the lock was gone),
@@ -79,7 +80,7 @@ redis.call('set', target, ARGV[2], 'PX', ARGV[3])
 if ARGV[5] == 'value' then
   redis.call('del', KEYS[3])
 end
-redis.call('publish', ARGV[4], ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. ARGV[2])
+redis.call(ARGV[7], ARGV[4], ARGV[5] .. ' ' .. ARGV[3] .. ' ' .. ARGV[2])
 if holder then
   redis.call('del', KEYS[1])
   return 1
@@ -90,7 +91,7 @@ return 2
 /// Records one invalidation: the next generation of the sequence `KEYS[1]`,
 /// for the scope field `ARGV[1]` (`stale|<scope>`) and, for an eviction,
 /// `ARGV[2]` (`evict|<scope>`) in the hash `KEYS[2]`; announces it on
-/// `ARGV[3]`. Atomic, so that whoever reads the sequence and then the hash
+/// `ARGV[3]` with `ARGV[4]` (`publish` or `spublish`). Atomic, so that whoever reads the sequence and then the hash
 /// finds every generation up to the one read.
 const INVALIDATE: &str = r"
 local generation = redis.call('incr', KEYS[1])
@@ -98,7 +99,7 @@ redis.call('hset', KEYS[2], ARGV[1], generation)
 if ARGV[2] ~= '' then
   redis.call('hset', KEYS[2], ARGV[2], generation)
 end
-redis.call('publish', ARGV[3], generation)
+redis.call(ARGV[4], ARGV[3], generation)
 return generation
 ";
 
@@ -245,6 +246,7 @@ pub(super) fn settle(
             layout.done_channel(key).as_bytes(),
             settling.as_str().as_bytes(),
             replaces.unwrap_or_default().as_bytes(),
+            layout.publish_command().as_bytes(),
         ],
     )
 }
@@ -299,6 +301,7 @@ pub(super) fn invalidate(layout: &KeyLayout, scope_field: &str, evict: bool) -> 
             stale.as_bytes(),
             evicted.as_bytes(),
             layout.invalidated_channel().as_bytes(),
+            layout.publish_command().as_bytes(),
         ],
     )
 }

@@ -16,10 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::{AsyncConnectionConfig, PushInfo, PushKind};
+use redis::{PushInfo, PushKind};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use super::connection::Subscriber;
 use super::health::{Backoff, Health};
 use super::keys::hash_of_channel;
 use crate::query::CacheKey;
@@ -55,6 +56,8 @@ struct Watched {
 enum Op {
     /// Subscribe, then confirm (also on failure: the waiter then polls).
     Subscribe(Vec<String>, oneshot::Sender<()>),
+    /// Drop the connection and open another (the primary moved).
+    Reconnect,
     /// Unsubscribe from a key's channels, unless it is waited on again.
     Unsubscribe { hash: String, channels: Vec<String> },
 }
@@ -72,7 +75,7 @@ impl Subscriptions {
     /// (and each reconnection, when messages may have been lost) notifies
     /// its `Notify`.
     pub(super) fn start(
-        client: redis::Client,
+        subscriber: Subscriber,
         health: Arc<Health>,
         timeout: Duration,
         permanent: Vec<(String, Arc<Notify>)>,
@@ -84,8 +87,13 @@ impl Subscriptions {
             connected: AtomicBool::new(false),
             permanent,
         });
-        let task = tokio::spawn(Arc::clone(&subscriptions).run(client, op_rx, health, timeout));
+        let task = tokio::spawn(Arc::clone(&subscriptions).run(subscriber, op_rx, health, timeout));
         (subscriptions, task)
+    }
+
+    /// Moves to a new connection (behind Sentinels, to the new primary).
+    pub(super) fn reconnect(&self) {
+        let _ = self.ops.send(Op::Reconnect);
     }
 
     pub(super) fn is_connected(&self) -> bool {
@@ -180,7 +188,7 @@ impl Subscriptions {
     /// reconnects after any failure.
     async fn run(
         self: Arc<Self>,
-        client: redis::Client,
+        subscriber: Subscriber,
         mut ops: mpsc::UnboundedReceiver<Op>,
         health: Arc<Health>,
         timeout: Duration,
@@ -189,14 +197,9 @@ impl Subscriptions {
         let mut first = true;
         loop {
             let (push_tx, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
-            let config = AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_push_sender(push_tx);
-            let connected = client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await;
-            let Ok(mut conn) = connected else {
+            let connected =
+                tokio::time::timeout(timeout * 2, subscriber.connect(push_tx, timeout)).await;
+            let Ok(Ok(mut conn)) = connected else {
                 if !away(&mut ops, backoff.next()).await {
                     return;
                 }
@@ -230,6 +233,7 @@ impl Subscriptions {
                 tokio::select! {
                     op = ops.recv() => match op {
                         None => return,
+                        Some(Op::Reconnect) => break "the primary moved",
                         Some(Op::Subscribe(channels, done)) => {
                             let reply = tokio::time::timeout(timeout, conn.subscribe(&channels)).await;
                             let _ = done.send(());
@@ -262,10 +266,7 @@ impl Subscriptions {
                         Some(push) => self.dispatch(&push),
                     },
                     _ = ping.tick() => {
-                        let reply = tokio::time::timeout(
-                            timeout,
-                            redis::cmd("PING").query_async::<String>(&mut conn),
-                        ).await;
+                        let reply = tokio::time::timeout(timeout, conn.ping()).await;
                         if !matches!(reply, Ok(Ok(_))) {
                             break "a ping failed";
                         }
@@ -285,7 +286,7 @@ impl Subscriptions {
     }
 
     fn dispatch(&self, push: &PushInfo) {
-        if push.kind != PushKind::Message {
+        if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
             return;
         }
         let Some(channel) = push
@@ -367,7 +368,7 @@ async fn away(ops: &mut mpsc::UnboundedReceiver<Op>, pause: Duration) -> bool {
             op = ops.recv() => match op {
                 None => return false,
                 Some(Op::Subscribe(_, done)) => { let _ = done.send(()); }
-                Some(Op::Unsubscribe { .. }) => {}
+                Some(Op::Unsubscribe { .. } | Op::Reconnect) => {}
             },
         }
     }

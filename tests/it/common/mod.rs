@@ -25,8 +25,10 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod deployments;
 mod proxy;
 mod redis;
+pub use self::deployments::{RedisCluster, RedisSentinels, SENTINEL_MASTER};
 pub use self::proxy::FaultProxy;
 pub use self::redis::{LAYOUT, RedisServer, closed_port, query, redis_connection};
 
@@ -523,6 +525,11 @@ pub enum RedisTarget {
     Shared,
     /// This URL: a test's private [`RedisServer`], or a port nobody listens on.
     Url(String),
+    /// A Redis Cluster, by its seed nodes (`REDIS_CLUSTER_NODES`).
+    Cluster(String),
+    /// A Sentinel-managed primary, by its Sentinels (`REDIS_SENTINEL_NODES`,
+    /// service [`SENTINEL_MASTER`]).
+    Sentinel(String),
 }
 
 impl Default for TestOptions {
@@ -572,6 +579,18 @@ impl TestOptions {
         self.redis = RedisTarget::Url(url.into());
         self
     }
+
+    /// Points the gateways at a Redis Cluster.
+    pub fn redis_cluster(mut self, cluster: &RedisCluster) -> Self {
+        self.redis = RedisTarget::Cluster(cluster.seeds());
+        self
+    }
+
+    /// Points the gateways at a Sentinel-managed primary.
+    pub fn redis_sentinel(mut self, sentinels: &RedisSentinels) -> Self {
+        self.redis = RedisTarget::Sentinel(sentinels.nodes());
+        self
+    }
 }
 
 /// One bi-sim and the gateways in front of it. All instances share one
@@ -581,7 +600,7 @@ pub struct TestEnv {
     pub sim: Sim,
     pub gateways: Vec<Gateway>,
     pub namespace: String,
-    /// The gateways' `REDIS_URL`, if any.
+    /// The gateways' `REDIS_URL`, if any (not set for a cluster or Sentinels).
     pub redis_url: Option<String>,
     /// The env's own Redis when `TEST_REDIS_URL` is unset; after the gateways
     /// so that it is dropped (killed) after them.
@@ -600,6 +619,18 @@ impl TestEnv {
         ];
         let (redis_url, private_redis) = match options.redis {
             RedisTarget::None => (None, None),
+            RedisTarget::Cluster(seeds) => {
+                env.push(("REDIS_CLUSTER_NODES".to_owned(), seeds));
+                (None, None)
+            }
+            RedisTarget::Sentinel(nodes) => {
+                env.push(("REDIS_SENTINEL_NODES".to_owned(), nodes));
+                env.push((
+                    "REDIS_SENTINEL_MASTER".to_owned(),
+                    SENTINEL_MASTER.to_owned(),
+                ));
+                (None, None)
+            }
             RedisTarget::Url(url) => (Some(url), None),
             RedisTarget::Shared => match std::env::var("TEST_REDIS_URL") {
                 Ok(url) if !url.trim().is_empty() => (Some(url), None),
