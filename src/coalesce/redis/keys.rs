@@ -31,6 +31,11 @@ impl KeyLayout {
         }
     }
 
+    /// A Redis Cluster's layout (sharded channels, no keyspace notifications).
+    pub(super) fn sharded(&self) -> bool {
+        self.sharded
+    }
+
     /// The command that publishes on this layout's channels.
     pub(super) fn publish_command(&self) -> &'static str {
         if self.sharded { "spublish" } else { "publish" }

@@ -557,7 +557,12 @@ impl Coordinator for RedisCoordinator {
                 // Bounded by the lock's own time: if its holder died, the
                 // lock expires and the next look finds it gone.
                 let mut bound = lock_left + WAIT_MARGIN;
-                if !keyspace || !self.subscriptions.is_connected() {
+                // Told of everything but a dead holder, whose lock's expiry
+                // is the bound: keyspace notifications, or a cluster's
+                // sharded `done` channel (which a release also uses). Else
+                // poll.
+                let told = keyspace || self.layout.sharded();
+                if !told || !self.subscriptions.is_connected() {
                     bound = bound.min(poll.next());
                 }
                 let started = std::time::Instant::now();
