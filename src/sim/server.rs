@@ -117,17 +117,26 @@ async fn load(sim: &Simulator, headers: &HeaderMap, body: &[u8]) -> Response {
         Ok(LoadRequest::Multi { query, .. }) => query.as_slice(),
         Err(_) => &[],
     };
-    sim.record_load(
-        queries,
-        header_text(&header::AUTHORIZATION),
-        header_text(&TRACEPARENT),
-    );
+    let authorization = header_text(&header::AUTHORIZATION);
+    sim.record_load(queries, authorization.clone(), header_text(&TRACEPARENT));
+    // As Cube's auth middleware: before any work, and never echoing the token.
+    let checked = match &request {
+        Ok(_) => sim.check_security(authorization.as_deref(), queries),
+        Err(_) => Ok(()),
+    };
     // An unreadable body is refused at once and consumes no fault: faults are
     // aimed at the gateway's real queries.
     let request = match request {
         Ok(request) => request,
         Err(e) => return ApiError::bad_request(format!("invalid /load body: {e}")).into_response(),
     };
+    if let Err(refusal) = checked {
+        return ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: refusal,
+        }
+        .into_response();
+    }
 
     let (fault, latency) = sim.next_fault();
     match fault {
@@ -248,6 +257,7 @@ mod tests {
         let address = listener.local_addr().expect("a bound address");
         let sim = Simulator::new(SimConfig {
             latency: Duration::ZERO,
+            security: None,
         });
         tokio::spawn(serve(listener, sim.clone(), std::future::pending()));
         (format!("http://{address}"), sim)
@@ -318,6 +328,7 @@ mod tests {
                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()
                 ),
                 max_batch_size: 1,
+                ..SimStats::default()
             }
         );
         let served: SimStats = reqwest::get(format!("{base}/_sim/stats"))

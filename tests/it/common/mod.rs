@@ -90,7 +90,10 @@ impl Sim {
             .await
             .expect("a free loopback port for bi-sim");
         let address = listener.local_addr().expect("bi-sim's bound address");
-        let simulator = Simulator::new(SimConfig { latency });
+        let simulator = Simulator::new(SimConfig {
+            latency,
+            security: None,
+        });
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(sim::serve(listener, simulator.clone(), async move {
             // Either a send or the sender's drop stops the server.
