@@ -74,6 +74,12 @@ impl BiError {
     /// requests). Exhaustive, so that a new kind of failure is decided here.
     pub fn is_about_the_queries(&self) -> bool {
         match self {
+            // 401 and 403 refuse the request's credentials (a token that is
+            // expired, or signed with another secret): asking again with the
+            // same token, query by query, would be refused as many times.
+            BiError::Rejected {
+                status: 401 | 403, ..
+            } => false,
             BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => true,
             BiError::Unavailable { .. }
             | BiError::RateLimited { .. }
