@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::bi::protocol::CubeQuery;
-use crate::bi::{BiAnswer, BiClient, BiError};
+use crate::bi::{BiAnswer, BiClient, BiError, TokenScope};
 use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, Lifetime, unix_micros};
 use crate::coalesce::{
     Coordinator, Decision, FlightLead, Flights, Invalidations, Joined, Lease, Origin, Resolved,
@@ -593,7 +593,11 @@ impl Aggregator {
 
     async fn call_bi(&self, batch: &[Production]) -> Result<BiAnswer, BiError> {
         let queries: Vec<&CubeQuery> = batch.iter().map(|p| &*p.query.cube).collect();
-        self.bi.load(&queries).await
+        // `into_batches` keeps one token scope per batch.
+        let scope = batch
+            .first()
+            .map_or(TokenScope::Shared, |p| p.query.token_scope.clone());
+        self.bi.load(&scope, &queries).await
     }
 
     fn cooldown_left(&self) -> Option<Duration> {
@@ -738,14 +742,18 @@ fn count_answer(answer: &AnswerResult) {
 
 /// Splits productions into BI calls as Cube's blending rules allow: queries
 /// of one granularity together (at most `max_batch_size` a call), and each
-/// totals query (no granularity) on its own.
+/// totals query (no granularity) on its own. One HTTP request carries one
+/// token, so a batch also holds queries of one token scope only (one
+/// customer, when tokens are minted per customer). Timezones, filters,
+/// orders and limits may differ within a batch: Cube honours each
+/// sub-query's own.
 fn into_batches(productions: Vec<Production>, max_batch_size: usize) -> Vec<Vec<Production>> {
-    let mut by_granularity: BTreeMap<Granularity, Vec<Production>> = BTreeMap::new();
+    let mut by_granularity: BTreeMap<(Granularity, TokenScope), Vec<Production>> = BTreeMap::new();
     let mut batches = Vec::new();
     for production in productions {
         match production.query.granularity {
             Some(granularity) => by_granularity
-                .entry(granularity)
+                .entry((granularity, production.query.token_scope.clone()))
                 .or_default()
                 .push(production),
             None => batches.push(vec![production]),
