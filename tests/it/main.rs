@@ -12,6 +12,7 @@ mod dashboards;
 mod docker_compose;
 mod fault_proxy;
 mod freshness;
+mod freshness_faults;
 mod graphql_http;
 mod http;
 mod introspection;

@@ -211,7 +211,7 @@ async fn customers_never_share_entries_across_instances() {
 }
 
 /// After a miss, Redis holds the answer as the architecture lays it out: one
-/// `{ns}:v2:{<64 hex>}:value` key whose PTTL is about `CACHE_TTL_SECS` plus
+/// `{ns}:v3:{<64 hex>}:value` key whose PTTL is about `CACHE_TTL_SECS` plus
 /// `CACHE_STALE_SECS` (the entry's only expiry: instances never compare wall
 /// clocks), holding the entry's id and JSON with the rows and the producing
 /// instance, and no lock left behind.

@@ -220,9 +220,15 @@ impl RedisCoordinator {
     }
 
     /// Reads a settle's `done` message (what it stored, for how long).
-    fn settled(&self, key: &CacheKey, message: &[u8]) -> Option<Cached> {
+    fn settled(
+        &self,
+        key: &CacheKey,
+        message: &[u8],
+        replaced: impl Fn(&[u8]) -> bool,
+    ) -> Option<Cached> {
         let settled = scripts::parse_settled(message)?;
         match settled.settling {
+            Settling::Value if replaced(settled.payload) => None,
             Settling::Value => self.found_value(key, settled.payload, settled.pttl),
             Settling::Error => self.found_error(key, settled.payload, settled.pttl),
         }
@@ -487,7 +493,10 @@ impl Coordinator for RedisCoordinator {
         decisions
     }
 
-    async fn wait(&self, key: &CacheKey, deadline: &Deadline) -> Waited {
+    async fn wait(&self, key: &CacheKey, replaces: Option<&str>, deadline: &Deadline) -> Waited {
+        // The entry being replaced is still there until its producer's
+        // settle: it is no answer (an evicted entry must never be served).
+        let replaced = |payload: &[u8]| replaces.is_some_and(|id| store::is_entry(payload, id));
         let span = tracing::info_span!("coalesce.wait", cache.key = key.short(), outcome = Empty);
         let waited = async {
             let timed_out = || {
@@ -518,7 +527,7 @@ impl Coordinator for RedisCoordinator {
                 // The settle's own message carries the answer: no look needed.
                 if let Some(cached) = watch
                     .settled()
-                    .and_then(|message| self.settled(key, &message))
+                    .and_then(|message| self.settled(key, &message, replaced))
                 {
                     return Waited::Settled(cached);
                 }
@@ -531,19 +540,19 @@ impl Coordinator for RedisCoordinator {
                     .persist("wait", deadline.get(), || self.link.pipe::<Look>(&look))
                     .await
                 {
-                    Ok((Some(payload), pttl, _, _, _)) => {
+                    Ok((Some(payload), pttl, _, _, _)) if !replaced(&payload) => {
                         if let Some(cached) = self.found_value(key, &payload, pttl) {
                             return Waited::Settled(cached);
                         }
                         return Waited::HolderGone;
                     }
-                    Ok((None, _, Some(payload), pttl, _)) => {
+                    Ok((_, _, Some(payload), pttl, _)) => {
                         if let Some(cached) = self.found_error(key, &payload, pttl) {
                             return Waited::Settled(cached);
                         }
                         return Waited::HolderGone;
                     }
-                    Ok((None, _, None, _, lock_pttl)) => {
+                    Ok((_, _, None, _, lock_pttl)) => {
                         match scripts::time_left(lock_pttl, self.settings.lock_ttl) {
                             None => return Waited::HolderGone,
                             Some(left) => left,
@@ -784,7 +793,7 @@ async fn follow_invalidations_once(link: &Link, layout: &KeyLayout, invalidation
     let Ok(Some(latest)) = link.query::<Option<u64>>(&sequence).await else {
         return;
     };
-    if latest <= invalidations.current() {
+    if !invalidations.needs_sync(latest) {
         return;
     }
     let all = redis::cmd("HGETALL").arg(layout.invalidations()).to_owned();
@@ -809,5 +818,5 @@ async fn follow_invalidations_once(link: &Link, layout: &KeyLayout, invalidation
             _ => {}
         }
     }
-    invalidations.merge(scopes, newest);
+    invalidations.merge(scopes, newest, latest);
 }

@@ -91,15 +91,25 @@ return 2
 /// Records one invalidation: the next generation of the sequence `KEYS[1]`,
 /// for the scope field `ARGV[1]` (`stale|<scope>`) and, for an eviction,
 /// `ARGV[2]` (`evict|<scope>`) in the hash `KEYS[2]`; announces it on
-/// `ARGV[3]` with `ARGV[4]` (`publish` or `spublish`). Atomic, so that whoever reads the sequence and then the hash
-/// finds every generation up to the one read.
+/// `ARGV[3]` with `ARGV[4]` (`publish` or `spublish`). Atomic, so that
+/// whoever reads the sequence and then the hash finds every generation up to
+/// the one read. A generation is never below Redis's clock in milliseconds:
+/// after Redis lost the sequence (a restart, a flush) the next one is still
+/// above every generation the instances know.
 const INVALIDATE: &str = r"
+local time = redis.call('time')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local generation = redis.call('incr', KEYS[1])
-redis.call('hset', KEYS[2], ARGV[1], generation)
-if ARGV[2] ~= '' then
-  redis.call('hset', KEYS[2], ARGV[2], generation)
+if generation < now then
+  generation = now
+  redis.call('set', KEYS[1], string.format('%d', generation))
 end
-redis.call(ARGV[4], ARGV[3], generation)
+local text = string.format('%d', generation)
+redis.call('hset', KEYS[2], ARGV[1], text)
+if ARGV[2] ~= '' then
+  redis.call('hset', KEYS[2], ARGV[2], text)
+end
+redis.call(ARGV[4], ARGV[3], text)
 return generation
 ";
 
