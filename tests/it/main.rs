@@ -11,6 +11,7 @@ mod dashboards;
 mod docker_compose;
 mod fault_proxy;
 mod freshness;
+mod graphiql;
 mod graphql_http;
 mod http;
 mod introspection;
