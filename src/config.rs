@@ -247,6 +247,11 @@ pub struct Cli {
     )]
     pub csrf_required_headers: String,
 
+    /// Whether `GET /graphql` serves GraphiQL to browsers (`Accept: text/html`);
+    /// false: they get what other GET clients get, and `/graphiql/*` is 404.
+    #[arg(long, env = "GRAPHIQL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphiql: bool,
+
     /// HS256 secret for JWT bearer tokens; turns authentication on.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
     pub auth_jwt_secret: Option<String>,
@@ -369,6 +374,8 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     /// The bearer token of `/admin/*`; `None`: those routes answer 404.
     pub admin_token: Option<AdminToken>,
+    /// `GRAPHIQL`: whether browsers get GraphiQL at `GET /graphql`.
+    pub graphiql: bool,
     /// Added to the wall clock (tests only; see `Cli::clock_offset_ms`).
     pub clock_offset_ms: i64,
 }
@@ -844,6 +851,7 @@ impl Config {
                 .admin_token
                 .filter(|t| !t.trim().is_empty())
                 .map(AdminToken),
+            graphiql: cli.graphiql,
             clock_offset_ms: cli.clock_offset_ms,
         })
     }
@@ -1000,6 +1008,8 @@ mod tests {
         assert_eq!(config.coordination, Coordination::InProcess);
         assert!(matches!(config.bi, BiTarget::Embedded { .. }));
         assert_eq!(config.cache.ttl, Duration::from_secs(300));
+        assert!(config.graphiql);
+        assert!(!parse(&["--graphiql", "false"]).expect("valid").graphiql);
     }
 
     #[test]

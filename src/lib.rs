@@ -288,6 +288,13 @@ pub async fn run(
         documents: http::DocumentCache::default(),
         operations: http::OperationNames::default(),
         readiness: Arc::clone(&readiness),
+        graphiql: config.graphiql.then(|| {
+            Arc::new(http::GraphiqlPage::new(match &config.auth {
+                None => http::CredentialHint::None,
+                Some(auth) if auth.jwt.is_some() => http::CredentialHint::Bearer,
+                Some(_) => http::CredentialHint::ApiKey,
+            }))
+        }),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 

@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
-use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::ExecutableDocument;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -36,10 +35,12 @@ use tracing::Instrument;
 mod admin;
 mod body_limit;
 mod caching;
+mod graphiql;
 mod media;
 mod persisted;
 
 use self::body_limit::{BodyLimit, Linger, limit_body};
+pub use self::graphiql::{CredentialHint, GraphiqlPage};
 pub use self::media::ResponseMedia;
 pub use self::persisted::PersistedQueries;
 
@@ -69,6 +70,9 @@ pub struct AppState {
     pub operations: OperationNames,
     /// The process's phase and the BI's last probe, for `/readyz`.
     pub readiness: Arc<Readiness>,
+    /// `None` (`GRAPHIQL=false`): browsers get what other GET clients get,
+    /// and the page's files are not served.
+    pub graphiql: Option<Arc<GraphiqlPage>>,
 }
 
 impl AppState {
@@ -145,8 +149,13 @@ impl DocumentCache {
 
 /// The whole HTTP application; tests drive this same router.
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    let graphiql_files = match state.graphiql {
+        Some(_) => graphiql::routes(),
+        None => Router::new(),
+    };
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
+        .merge(graphiql_files)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -278,14 +287,8 @@ async fn graphql_get(
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
-    if wants_html {
-        return Html(
-            GraphiQLSource::build()
-                .endpoint("/graphql")
-                .title("analytics-gateway")
-                .finish(),
-        )
-        .into_response();
+    if wants_html && let Some(page) = &state.graphiql {
+        return page.response();
     }
     let media = ResponseMedia::negotiate(&headers);
     media.label(
@@ -579,6 +582,7 @@ async fn record_http(request: Request, next: Next) -> Response {
             "/healthz" => "/healthz",
             "/readyz" => "/readyz",
             "/metrics" => "/metrics",
+            graphiql::ASSET_ROUTE => "/graphiql",
             _ => "other",
         });
     let method = request.method().as_str().to_owned();

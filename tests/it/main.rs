@@ -13,6 +13,7 @@ mod docker_compose;
 mod fault_proxy;
 mod freshness;
 mod freshness_faults;
+mod graphiql;
 mod graphql_http;
 mod http;
 mod introspection;
