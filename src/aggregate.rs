@@ -76,6 +76,10 @@ pub struct Answer {
 
 pub type AnswerResult = Result<Answer, AnswerError>;
 
+/// One `aggregate` answer given from the cache: the question and the entry
+/// that answered it.
+pub type ServedEntry = (PlannedQuery, Arc<Entry>);
+
 /// Settings the aggregator needs beyond its collaborators.
 #[derive(Debug, Clone)]
 pub struct AggregatorSettings {
@@ -224,6 +228,27 @@ impl Aggregator {
         };
         count_answer(&answer);
         Some(answer)
+    }
+
+    /// Whether entries served moments ago are what [`Aggregator::peek`]
+    /// would serve now: the very same entries, still fresh, in process
+    /// memory. When they are, they are counted as served again (hits, reads
+    /// that make a key hot for refresh-ahead), exactly as `peek` counts.
+    pub fn serves_again(self: &Arc<Self>, served: &[ServedEntry]) -> bool {
+        let unchanged = served.iter().all(|(query, entry)| {
+            matches!(
+                self.coordinator.peek(&query.key),
+                Some(Cached::Value(now)) if Arc::ptr_eq(&now, entry)
+            ) && self.freshness(entry, &query.scope) == Freshness::Fresh
+        });
+        if unchanged {
+            for (query, entry) in served {
+                self.consider_refreshing_ahead(query, entry);
+                metrics::counter!(names::CACHE_LOOKUPS, "status" => CacheStatus::Hit.label())
+                    .increment(1);
+            }
+        }
+        unchanged
     }
 
     /// Answers every query of one batch; each gets its own answer or error.

@@ -295,6 +295,7 @@ pub async fn run(
                 Some(_) => http::CredentialHint::ApiKey,
             }))
         }),
+        responses: http::ResponseCache::new(config.cache.response_max_bytes),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 

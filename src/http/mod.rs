@@ -29,7 +29,7 @@ use crate::graphql::{
     AggregateLoader, AnswerFacts, ErrorCode, GatewaySchema, classify_request_errors,
 };
 use crate::readiness::{Phase, Readiness};
-use crate::telemetry::{self, names};
+use crate::telemetry::{self, RequestTrace, names};
 use tracing::Instrument;
 
 mod admin;
@@ -38,11 +38,14 @@ mod caching;
 mod graphiql;
 mod media;
 mod persisted;
+mod responses;
 
 use self::body_limit::{BodyLimit, Linger, limit_body};
 pub use self::graphiql::{CredentialHint, GraphiqlPage};
 pub use self::media::ResponseMedia;
 pub use self::persisted::PersistedQueries;
+pub use self::responses::ResponseCache;
+use self::responses::{Lookup, StoredResponse};
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -73,6 +76,8 @@ pub struct AppState {
     /// `None` (`GRAPHIQL=false`): browsers get what other GET clients get,
     /// and the page's files are not served.
     pub graphiql: Option<Arc<GraphiqlPage>>,
+    /// Whole answers to repeated identical POSTs (`RESPONSE_CACHE_MAX_MB`).
+    pub responses: ResponseCache,
 }
 
 impl AppState {
@@ -218,9 +223,11 @@ async fn post_answer(
                 .map(|request| execute(state, headers, identity.clone(), request)),
         )
         .await;
-        let degraded = executed.iter().any(|(_, facts)| facts.degraded());
-        let responses: Vec<async_graphql::Response> =
-            executed.into_iter().map(|(response, _)| response).collect();
+        let degraded = executed.iter().any(|executed| executed.facts.degraded());
+        let responses: Vec<async_graphql::Response> = executed
+            .into_iter()
+            .map(|executed| executed.response)
+            .collect();
         // Batches are not part of GraphQL over HTTP: each answer as with
         // application/json, the whole with status 200.
         return no_store(with_degraded_flag(
@@ -228,10 +235,34 @@ async fn post_answer(
             Json(responses).into_response(),
         ));
     }
+    let started = std::time::Instant::now();
+    let reuse = match state.responses.lookup(&state.aggregator, &identity, &body) {
+        Lookup::Served(stored) => {
+            account_served_again(headers, &stored, started);
+            return no_store(json_body(stored.body.clone()));
+        }
+        Lookup::Execute(key) => Some(key),
+        Lookup::Ineligible => None,
+    };
     match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => {
-            let (response, facts) = execute(state, headers, identity, request).await;
-            no_store(with_degraded_flag(facts.degraded(), media.answer(response)))
+            let executed = execute(state, headers, identity, request).await;
+            let served = executed
+                .facts
+                .hits()
+                .filter(|_| executed.repeatable && executed.response.is_ok())
+                .filter(|_| executed.response.extensions.is_empty());
+            if let (Some(key), Some(served)) = (reuse, served) {
+                let body = Bytes::from(serde_json::to_vec(&executed.response).unwrap_or_default());
+                state
+                    .responses
+                    .store(key, body.clone(), served, executed.operation);
+                return no_store(json_body(body));
+            }
+            no_store(with_degraded_flag(
+                executed.facts.degraded(),
+                media.answer(executed.response),
+            ))
         }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
@@ -296,10 +327,10 @@ async fn graphql_get(
             Ok(request) => {
                 let identity = state.identify(&headers);
                 let scope = identity.scope_fingerprint();
-                let (response, facts) = execute(&state, &headers, identity, request).await;
+                let executed = execute(&state, &headers, identity, request).await;
                 with_degraded_flag(
-                    facts.degraded(),
-                    cacheable_answer(&headers, media, &response, &facts, &scope),
+                    executed.facts.degraded(),
+                    cacheable_answer(&headers, media, &executed.response, &executed.facts, &scope),
                 )
             }
             Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
@@ -350,13 +381,56 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
+/// A `200` with a GraphQL answer's JSON (labelled with the negotiated media
+/// type by the caller's `ResponseMedia::label`).
+fn json_body(body: Bytes) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Accounts for an answer served again from the response cache as for one
+/// executed: its operation's duration and, when traced, its request span
+/// with links to the BI calls that paid for its entries.
+fn account_served_again(headers: &HeaderMap, stored: &StoredResponse, started: std::time::Instant) {
+    if telemetry::samples(headers) {
+        let span = telemetry::request_span(&stored.operation);
+        telemetry::continue_trace(&span, headers);
+        for (_, entry) in stored.served.iter() {
+            if let (Some(trace_id), Some(span_id)) = (&entry.trace_id, &entry.span_id) {
+                telemetry::link_to(&span, trace_id, span_id);
+            }
+        }
+    }
+    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => stored.operation.clone())
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// One GraphQL request executed, and what the HTTP layer needs to know of it.
+struct Executed {
+    response: async_graphql::Response,
+    /// What its answers were like.
+    facts: AnswerFacts,
+    /// Its operation's metric label.
+    operation: String,
+    /// Its document passed the limits and its answer is a function of its
+    /// entries alone (`DocumentSummary::repeatable`).
+    repeatable: bool,
+}
+
 /// Runs one GraphQL request; also says what its answers were like.
 async fn execute(
     state: &AppState,
     headers: &HeaderMap,
     identity: Identity,
     mut request: async_graphql::Request,
-) -> (async_graphql::Response, AnswerFacts) {
+) -> Executed {
     let started = std::time::Instant::now();
     let facts = AnswerFacts::default();
     // A persisted query's document, from its hash, before any limit looks
@@ -365,7 +439,12 @@ async fn execute(
         Ok(to_persist) => to_persist,
         Err(refused) => {
             let error = coded_error(refused.message.to_owned(), refused.code);
-            return (async_graphql::Response::from_errors(vec![error]), facts);
+            return Executed {
+                response: async_graphql::Response::from_errors(vec![error]),
+                facts,
+                operation: state.operations.label(None),
+                repeatable: false,
+            };
         }
     };
     // The limits parse the document first, and the document names the
@@ -383,25 +462,17 @@ async fn execute(
         .as_ref()
         .ok()
         .and_then(|summary| summary.operation_name.clone());
+    let repeatable = checked.as_ref().is_ok_and(|summary| summary.repeatable);
     let operation = state.operations.label(
         request
             .operation_name
             .as_deref()
             .or(document_name.as_deref()),
     );
-    let span = if telemetry::exporting() {
-        tracing::info_span!(
-            "graphql.request",
-            otel.kind = "server",
-            otel.name = %format!("query {operation}"),
-            graphql.operation.name = %operation,
-            trace_id = tracing::field::Empty,
-            customer = tracing::field::Empty,
-        )
-    } else {
-        tracing::Span::none()
-    };
-    telemetry::continue_trace(&span, headers);
+    // Requests answered from process memory are traced as the sampler says;
+    // the others from the moment they need more (the dataloader's batch).
+    let trace = RequestTrace::decide(headers, &operation);
+    let span = trace.span();
     if let Some((trace_id, _)) = telemetry::span_ids(&span) {
         // Log lines inside this request carry it, so logs lead to the trace.
         span.record("trace_id", trace_id);
@@ -416,7 +487,7 @@ async fn execute(
                     Arc::clone(&state.aggregator),
                     Arc::clone(&state.counters),
                     deadline,
-                    span.clone(),
+                    trace,
                     identity.clone(),
                 ),
                 tokio::spawn,
@@ -437,7 +508,7 @@ async fn execute(
         }
     };
     classify_request_errors(&mut response);
-    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation)
+    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation.clone())
         .record(started.elapsed().as_secs_f64());
     // Decided by how the answers were produced, not by how Redis is doing
     // now: a degraded answer always says so, and only those do.
@@ -447,7 +518,12 @@ async fn execute(
             async_graphql::Value::from(DEGRADED_VALUE),
         );
     }
-    (response, facts)
+    Executed {
+        response,
+        facts,
+        operation,
+        repeatable,
+    }
 }
 
 /// The cost limits async-graphql does not check: tokens before parsing, then

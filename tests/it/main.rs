@@ -26,6 +26,7 @@ mod redis_faults;
 mod redis_recovery;
 mod redis_refusals;
 mod redis_stampede;
+mod response_cache;
 mod richer_queries;
 mod schema;
 mod security;
