@@ -315,7 +315,11 @@ pub struct Cli {
     /// the `parentbased_` form of each (a caller's `traceparent` decides
     /// when there is one). BI calls, and requests that waited on one, are
     /// always traced.
-    #[arg(long, env = "OTEL_TRACES_SAMPLER", default_value = "parentbased_always_on")]
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
     pub otel_traces_sampler: String,
 
     /// The ratio of the `traceidratio` samplers, from 0 to 1 (default 1).
@@ -1134,7 +1138,10 @@ mod tests {
             }
         );
         for (args, variable) in [
-            (&["--otel-traces-sampler", "jaeger_remote"][..], "OTEL_TRACES_SAMPLER"),
+            (
+                &["--otel-traces-sampler", "jaeger_remote"][..],
+                "OTEL_TRACES_SAMPLER",
+            ),
             (
                 &[
                     "--otel-traces-sampler",

@@ -57,16 +57,19 @@ const MAX_BODY_LEN: usize = 32 * 1024;
 /// (the question's parts, the `Arc`s): a rough bound for the weigher.
 const PER_ENTRY_BYTES: usize = 256;
 
+/// What a kept response costs, for the cache's size bound.
+#[allow(clippy::borrowed_box)] // moka's weigher takes `&K`, and the key is a box
+fn weigh(key: &Box<[u8]>, stored: &Arc<StoredResponse>) -> u32 {
+    let bytes = key.len() + stored.body.len() + stored.served.len() * PER_ENTRY_BYTES;
+    u32::try_from(bytes).unwrap_or(u32::MAX)
+}
+
 impl ResponseCache {
     pub fn new(max_bytes: u64) -> ResponseCache {
         let stored = (max_bytes > 0).then(|| {
             moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
-                .weigher(|key: &Box<[u8]>, stored: &Arc<StoredResponse>| {
-                    let bytes =
-                        key.len() + stored.body.len() + stored.served.len() * PER_ENTRY_BYTES;
-                    u32::try_from(bytes).unwrap_or(u32::MAX)
-                })
+                .weigher(weigh)
                 .build()
         });
         ResponseCache { stored }

@@ -767,7 +767,12 @@ async fn the_sampler_drops_only_requests_answered_from_the_cache() {
             .json(&body)
             .send();
         async move {
-            let answer: Value = request.await.expect("an answer").json().await.expect("JSON");
+            let answer: Value = request
+                .await
+                .expect("an answer")
+                .json()
+                .await
+                .expect("JSON");
             assert_eq!(answer["data"]["aggregate"]["cache"]["status"], "HIT");
         }
     };
@@ -775,7 +780,11 @@ async fn the_sampler_drops_only_requests_answered_from_the_cache() {
     let unsampled_trace = uuid::Uuid::new_v4().simple().to_string();
     for _ in 0..2 {
         post_with(format!("00-{sampled_trace}-{:016x}-01", fastrand::u64(1..))).await;
-        post_with(format!("00-{unsampled_trace}-{:016x}-00", fastrand::u64(1..))).await;
+        post_with(format!(
+            "00-{unsampled_trace}-{:016x}-00",
+            fastrand::u64(1..)
+        ))
+        .await;
     }
 
     stop_gracefully(&mut env.gateways).await;
