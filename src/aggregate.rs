@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt, join_all};
@@ -231,24 +231,29 @@ impl Aggregator {
     }
 
     /// Whether entries served moments ago are what [`Aggregator::peek`]
-    /// would serve now: the very same entries, still fresh, in process
-    /// memory. When they are, they are counted as served again (hits, reads
-    /// that make a key hot for refresh-ahead), exactly as `peek` counts.
-    pub fn serves_again(self: &Arc<Self>, served: &[ServedEntry]) -> bool {
-        let unchanged = served.iter().all(|(query, entry)| {
-            matches!(
-                self.coordinator.peek(&query.key),
-                Some(Cached::Value(now)) if Arc::ptr_eq(&now, entry)
-            ) && self.freshness(entry, &query.scope) == Freshness::Fresh
-        });
-        if unchanged {
-            for (query, entry) in served {
-                self.consider_refreshing_ahead(query, entry);
-                metrics::counter!(names::CACHE_LOOKUPS, "status" => CacheStatus::Hit.label())
-                    .increment(1);
+    /// would serve now: the very same entries (held weakly by whoever asks,
+    /// so that they never outlive process memory's copy), still fresh. When
+    /// they are, they are counted as served again (hits, reads that make a
+    /// key hot for refresh-ahead), exactly as `peek` counts.
+    pub fn serves_again(self: &Arc<Self>, served: &[(PlannedQuery, Weak<Entry>)]) -> bool {
+        let mut entries = Vec::with_capacity(served.len());
+        for (query, kept) in served {
+            match self.coordinator.peek(&query.key) {
+                Some(Cached::Value(now))
+                    if std::ptr::eq(Arc::as_ptr(&now), kept.as_ptr())
+                        && self.freshness(&now, &query.scope) == Freshness::Fresh =>
+                {
+                    entries.push(now);
+                }
+                _ => return false,
             }
         }
-        unchanged
+        for ((query, _), entry) in served.iter().zip(&entries) {
+            self.consider_refreshing_ahead(query, entry);
+            metrics::counter!(names::CACHE_LOOKUPS, "status" => CacheStatus::Hit.label())
+                .increment(1);
+        }
+        true
     }
 
     /// Answers every query of one batch; each gets its own answer or error.

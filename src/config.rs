@@ -598,6 +598,8 @@ pub struct TelemetrySettings {
     pub log_format: LogFormat,
     pub otlp: Option<OtlpExport>,
     pub sampling: TraceSampling,
+    /// Why `OTEL_TRACES_SAMPLER` was not used as given, for the start-up log.
+    pub sampling_warning: Option<String>,
     pub service_name: String,
     pub trace_customer_ids: bool,
 }
@@ -827,10 +829,18 @@ impl Config {
                 cli.otel_exporter_otlp_protocol.as_deref(),
             )?),
         };
-        let sampling = parse_sampling(
+        // OpenTelemetry's rule for these variables: a value that cannot be
+        // used is logged and the default taken, never a refusal to start.
+        let (sampling, sampling_warning) = match parse_sampling(
             &cli.otel_traces_sampler,
             cli.otel_traces_sampler_arg.as_deref(),
-        )?;
+        ) {
+            Ok(sampling) => (sampling, None),
+            Err(err) => (
+                TraceSampling::default(),
+                Some(format!("{err}; using parentbased_always_on")),
+            ),
+        };
 
         let minting_on = minting.is_some();
         Ok(Config {
@@ -907,6 +917,7 @@ impl Config {
                 log_format: cli.log_format,
                 otlp,
                 sampling,
+                sampling_warning,
                 service_name: cli.otel_service_name,
                 trace_customer_ids: cli.trace_customer_ids,
             },
@@ -1152,8 +1163,10 @@ mod tests {
                 "OTEL_TRACES_SAMPLER_ARG",
             ),
         ] {
-            let err = sampling(args).expect_err("refused");
-            assert!(err.to_string().contains(variable), "{err}");
+            let config = parse(args).expect("starts anyway");
+            assert_eq!(config.telemetry.sampling, TraceSampling::default());
+            let warning = config.telemetry.sampling_warning.expect("a warning");
+            assert!(warning.contains(variable), "{warning}");
         }
     }
 

@@ -103,6 +103,9 @@ pub async fn run(
     if let Some(warning) = config.bi.warning() {
         tracing::warn!("{warning}");
     }
+    if let Some(warning) = &config.telemetry.sampling_warning {
+        tracing::warn!("{warning}");
+    }
     let base_url = match &config.bi {
         BiTarget::Remote { base_url } => base_url.clone(),
         BiTarget::Embedded { latency } => {
@@ -267,7 +270,7 @@ pub async fn run(
         trace_customer_ids: config.telemetry.trace_customer_ids,
     };
     let schema = graphql::build_schema(context.clone(), &config.graphql, true);
-    let schema_without_suggestions = graphql::build_schema(context, &config.graphql, false);
+    let schema_without_suggestions = graphql::build_schema(context.clone(), &config.graphql, false);
     let state = http::AppState {
         schema,
         schema_without_suggestions,
@@ -295,7 +298,10 @@ pub async fn run(
                 Some(_) => http::CredentialHint::ApiKey,
             }))
         }),
-        responses: http::ResponseCache::new(config.cache.response_max_bytes),
+        responses: http::ResponseCache::new(
+            config.cache.response_max_bytes,
+            Arc::clone(&context.catalog),
+        ),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 

@@ -381,15 +381,21 @@ fn caller_sampled(headers: &http::HeaderMap) -> Option<bool> {
     if !headers.contains_key(TRACEPARENT) {
         return None;
     }
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
-    });
+    let parent = extract(headers);
     let span = parent.span();
     let context = span.span_context();
     context.is_valid().then(|| context.is_sampled())
 }
 
 const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// The trace context W3C headers carry.
+fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    })
+}
 
 /// The root span of one GraphQL request, exported as `query <operation>`.
 pub fn request_span(operation: &str) -> tracing::Span {
@@ -411,10 +417,12 @@ pub enum RequestTrace {
     /// Traced from its start.
     Started(tracing::Span),
     /// Not sampled: its span is started only if it needs the BI or Redis
-    /// (a miss, a wait, a lookup in Redis), as a child of the caller's trace.
+    /// (a miss, a wait, a lookup in Redis): in the caller's trace when the
+    /// caller keeps it, else as a new trace linked to the caller's.
     Deferred {
         operation: String,
-        traceparent: Option<http::HeaderValue>,
+        /// The caller's `traceparent` and `tracestate`.
+        caller: Option<(http::HeaderValue, Option<http::HeaderValue>)>,
     },
 }
 
@@ -430,7 +438,9 @@ impl RequestTrace {
         } else {
             RequestTrace::Deferred {
                 operation: operation.to_owned(),
-                traceparent: headers.get(TRACEPARENT).cloned(),
+                caller: headers
+                    .get(TRACEPARENT)
+                    .map(|parent| (parent.clone(), headers.get(TRACESTATE).cloned())),
             }
         }
     }
@@ -450,15 +460,26 @@ impl RequestTrace {
         match self {
             RequestTrace::Off => tracing::Span::none(),
             RequestTrace::Started(span) => span.clone(),
-            RequestTrace::Deferred {
-                operation,
-                traceparent,
-            } => {
+            RequestTrace::Deferred { operation, caller } => {
                 let span = request_span(operation);
-                if let Some(traceparent) = traceparent {
+                if let Some((parent, state)) = caller {
                     let mut headers = http::HeaderMap::new();
-                    headers.insert(TRACEPARENT, traceparent.clone());
-                    continue_trace(&span, &headers);
+                    headers.insert(TRACEPARENT, parent.clone());
+                    if let Some(state) = state {
+                        headers.insert(TRACESTATE, state.clone());
+                    }
+                    let context = extract(&headers);
+                    let remote = context.span().span_context().clone();
+                    if remote.is_sampled() {
+                        let _ = span.set_parent(context);
+                    } else if remote.is_valid() {
+                        // The caller does not keep its trace: the BI call
+                        // is kept in one of its own, which names the caller's.
+                        span.add_link(remote);
+                    }
+                }
+                if let Some((trace_id, _)) = span_ids(&span) {
+                    span.record("trace_id", trace_id);
                 }
                 span
             }
@@ -603,9 +624,7 @@ pub fn link_to(span: &tracing::Span, trace_id: &str, span_id: &str) {
 
 /// Makes `span` a child of the trace named by incoming `traceparent` headers.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
-    });
+    let parent = extract(headers);
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }

@@ -180,14 +180,19 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         ))
         .layer(middleware::from_fn(record_http))
         .layer(CatchPanicLayer::new())
-        .with_state(state)
+        // Shared behind one `Arc`: axum clones the state for every request.
+        .with_state(Arc::new(state))
 }
 
 /// Most operations in one JSON batch, when batches are allowed: each
 /// document is limited on its own, so the batch size bounds the total.
 const MAX_BATCH_OPERATIONS: usize = 10;
 
-async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn graphql_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let media = ResponseMedia::negotiate(&headers);
     media.label(post_answer(&state, &headers, media, body).await)
 }
@@ -241,7 +246,7 @@ async fn post_answer(
             account_served_again(headers, &stored, started);
             return no_store(json_body(stored.body.clone()));
         }
-        Lookup::Execute(key) => Some(key),
+        Lookup::Execute(pending) => Some(pending),
         Lookup::Ineligible => None,
     };
     match serde_json::from_slice::<async_graphql::Request>(&body) {
@@ -310,7 +315,7 @@ fn csrf_check(state: &AppState, headers: &HeaderMap) -> Option<Response> {
 }
 
 async fn graphql_get(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
@@ -402,7 +407,7 @@ fn account_served_again(headers: &HeaderMap, stored: &StoredResponse, started: s
     if telemetry::samples(headers) {
         let span = telemetry::request_span(&stored.operation);
         telemetry::continue_trace(&span, headers);
-        for (_, entry) in stored.served.iter() {
+        for entry in ResponseCache::entries(stored) {
             if let (Some(trace_id), Some(span_id)) = (&entry.trace_id, &entry.span_id) {
                 telemetry::link_to(&span, trace_id, span_id);
             }
@@ -433,6 +438,10 @@ async fn execute(
 ) -> Executed {
     let started = std::time::Instant::now();
     let facts = AnswerFacts::default();
+    // A persisted query's answer is not kept: serving it again would skip
+    // the persisted document's lookup (it may be gone: PERSISTED_QUERY_NOT_FOUND)
+    // and registration.
+    let persisted = request.extensions.contains_key("persistedQuery");
     // A persisted query's document, from its hash, before any limit looks
     // at the request (its document is what the limits check).
     let to_persist = match state.persisted_queries.resolve(&mut request).await {
@@ -462,7 +471,7 @@ async fn execute(
         .as_ref()
         .ok()
         .and_then(|summary| summary.operation_name.clone());
-    let repeatable = checked.as_ref().is_ok_and(|summary| summary.repeatable);
+    let repeatable = !persisted && checked.as_ref().is_ok_and(|summary| summary.repeatable);
     let operation = state.operations.label(
         request
             .operation_name
@@ -619,7 +628,7 @@ async fn healthz() -> &'static str {
 /// 200 while the process can serve anything (cached answers need neither
 /// the BI nor Redis), 503 while it starts and once shutdown has begun; the
 /// body says how each dependency is doing.
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let phase = state.readiness.phase();
     let coordinator = state.store_health.describe();
     let status = if phase == Phase::Serving {
@@ -641,7 +650,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn render_metrics(State(state): State<AppState>) -> Response {
+async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use analytics_gateway::telemetry::names;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::common::{
     Gateway, TestEnv, TestOptions, dashboard, error_code, input, metric, panel, panel_body,
@@ -128,6 +129,38 @@ async fn repeated_posts_are_served_again_with_exact_statuses_and_counts() {
     assert!(ages[2] > ages[0], "{ages:?}");
     let text = metrics(gateway).await;
     assert_eq!(outcome(&text, "stored"), 2.0, "{text}");
+
+    // A persisted query is executed every time: its document may be gone
+    // from the persisted store (PERSISTED_QUERY_NOT_FOUND), which only
+    // execution asks.
+    let document = "query Kept($input: AggregateInput!) { aggregate(input: $input) { rows cache { status } } }";
+    let hash: String = Sha256::digest(document.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let extensions = json!({"persistedQuery": {"version": 1, "sha256Hash": hash}});
+    let registering =
+        json!({"query": document, "variables": body["variables"], "extensions": extensions});
+    let hash_only = json!({"variables": body["variables"], "extensions": extensions});
+    for request in [
+        &registering,
+        &registering,
+        &hash_only,
+        &hash_only,
+        &hash_only,
+    ] {
+        let answer = gateway.graphql(request).await;
+        assert_eq!(
+            answer["data"]["aggregate"]["cache"]["status"], "HIT",
+            "{answer}"
+        );
+    }
+    let text = metrics(gateway).await;
+    assert_eq!(
+        (outcome(&text, "stored"), outcome(&text, "served")),
+        (2.0, 3.0),
+        "{text}"
+    );
 }
 
 /// A kept answer is never served once an entry behind it changed: an
@@ -258,8 +291,9 @@ async fn kept_answers_stay_within_the_callers_scope() {
 }
 
 /// The end of an entry's fresh time ends its kept answers: the next answer
-/// is the stale one (executed), then the refresh's; with
-/// `RESPONSE_CACHE_MAX_MB=0` nothing is kept at all.
+/// is the stale one (executed); a new catalog from the BI (which inputs are
+/// validated against) makes them outdated; with `RESPONSE_CACHE_MAX_MB=0`
+/// nothing is kept at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_answers_end_with_their_entries_fresh_time() {
     let env = TestEnv::start(
@@ -284,7 +318,43 @@ async fn kept_answers_end_with_their_entries_fresh_time() {
         "{answer}"
     );
     let text = metrics(gateway).await;
-    assert_eq!(outcome(&text, "outdated"), 1.0, "{text}");
+    assert_eq!(outcome(&text, "served"), 1.0, "{text}");
+
+    // The catalog fetched again (every second here) is a new one: what was
+    // kept with the old one is executed again, then kept anew.
+    let refetching = TestEnv::start(
+        TestOptions::default()
+            .latency_ms(20)
+            .env("CATALOG_REFRESH_SECS", 1),
+    )
+    .await;
+    let gateway = refetching.gateway();
+    refetching.wait_for_catalog().await;
+    for _ in 0..3 {
+        gateway.graphql(&body).await;
+    }
+    // (A fetch may have landed among these: counted from here.)
+    let text = metrics(gateway).await;
+    let (outdated, served) = (outcome(&text, "outdated"), outcome(&text, "served"));
+    let fetched = refetching.sim.stats().meta_requests;
+    wait_until(
+        Duration::from_secs(5),
+        "the catalog to be fetched again",
+        || async { refetching.sim.stats().meta_requests > fetched },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answer = gateway.graphql(&body).await;
+    assert_eq!(
+        answer["data"]["aggregate"]["cache"]["status"], "HIT",
+        "{answer}"
+    );
+    let text = metrics(gateway).await;
+    assert_eq!(
+        (outcome(&text, "outdated"), outcome(&text, "served")),
+        (outdated + 1.0, served),
+        "{text}"
+    );
 
     let off = TestEnv::start(TestOptions::default().env("RESPONSE_CACHE_MAX_MB", 0)).await;
     let body = panel_body(input(

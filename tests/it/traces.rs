@@ -754,6 +754,22 @@ async fn the_sampler_drops_only_requests_answered_from_the_cache() {
     )
     .await;
     let (body, expected) = question("sampled");
+    // A miss whose caller does not keep its trace: traced in a trace of its
+    // own, linked to the caller's span.
+    let (other, _) = question("sampled-elsewhere");
+    let caller_trace = uuid::Uuid::new_v4().simple().to_string();
+    let caller_span = format!("{:016x}", fastrand::u64(1..));
+    let answer: Value = reqwest::Client::new()
+        .post(format!("{}/graphql", env.gateway().url()))
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-00"))
+        .json(&other)
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(answer["data"]["aggregate"]["cache"]["status"], "MISS");
     let cold = env.fire(12, &body).await;
     let counted = statuses(&cold, &expected);
     assert_eq!((counted.miss, counted.coalesced), (1, 11), "{cold:?}");
@@ -789,10 +805,34 @@ async fn the_sampler_drops_only_requests_answered_from_the_cache() {
 
     stop_gracefully(&mut env.gateways).await;
     let spans = receiver
-        .spans_when(SPANS_TIMEOUT, |spans| request_spans(spans).len() >= 14)
+        .spans_when(SPANS_TIMEOUT, |spans| request_spans(spans).len() >= 15)
         .await;
-    let requests = request_spans(&spans);
-    let call = assert_one_bi_call(&spans, &env.sim.base_url());
+    let mut requests = request_spans(&spans);
+    let elsewhere = requests
+        .iter()
+        .position(|s| {
+            s.links()
+                .contains(&(caller_trace.clone(), caller_span.clone()))
+        })
+        .unwrap_or_else(|| panic!("no request span links to the caller's: {}", dump(&spans)));
+    let elsewhere = requests.remove(elsewhere);
+    assert_ne!(elsewhere.trace_id(), caller_trace);
+    assert!(
+        elsewhere.parent_span_id().is_empty(),
+        "{}",
+        elsewhere.describe()
+    );
+    let calls = named(&spans, "bi.call");
+    assert_eq!(calls.len(), 2, "{}", dump(&spans));
+    assert!(
+        calls.iter().any(|c| c.trace_id() == elsewhere.trace_id()),
+        "the miss's bi.call is in its trace: {}",
+        dump(&spans)
+    );
+    let call = calls
+        .iter()
+        .find(|c| c.trace_id() != elsewhere.trace_id())
+        .expect("the stampede's bi.call");
     let in_trace = |trace: &str| requests.iter().filter(|s| s.trace_id() == trace).count();
     assert_eq!(in_trace(&sampled_trace), 2, "{}", dump(&spans));
     assert_eq!(in_trace(&unsampled_trace), 0, "{}", dump(&spans));
