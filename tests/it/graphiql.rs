@@ -528,13 +528,17 @@ async fn drive(client: &Client, env: &TestEnv) {
 /// address: sent, failed or refused, and WebSockets) was to the gateway; and
 /// the page did make the ones it should, so an empty or broken log cannot
 /// pass. Addresses with other schemes (`data:`, and `chrome:` of the
-/// browser's own pages) never reach a network.
+/// browser's own pages) never reach a network. A failure is the page's when
+/// its request was sent after the log was emptied before the page loaded (a
+/// navigation Chromium began on its own at start may end, failed by the
+/// resolver rule, while the page loads).
 async fn check_requests(client: &Client, gateway: &str) {
     let entries = client
         .issue_cmd(GetLog("performance"))
         .await
         .expect("Chromium's performance log");
     let mut urls = BTreeSet::new();
+    let mut sent: std::collections::HashMap<String, String> = Default::default();
     let mut failures = Vec::new();
     for entry in entries.as_array().expect("log entries") {
         let message: Value = serde_json::from_str(entry["message"].as_str().unwrap_or("{}"))
@@ -543,17 +547,20 @@ async fn check_requests(client: &Client, gateway: &str) {
         let params = &event["params"];
         match event["method"].as_str().unwrap_or_default() {
             "Network.requestWillBeSent" => {
-                urls.insert(
-                    params["request"]["url"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned(),
+                let url = params["request"]["url"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                sent.insert(
+                    params["requestId"].as_str().unwrap_or_default().to_owned(),
+                    url.clone(),
                 );
+                urls.insert(url);
             }
             "Network.webSocketCreated" => {
                 urls.insert(params["url"].as_str().unwrap_or_default().to_owned());
             }
-            "Network.loadingFailed" => failures.push(params.to_string()),
+            "Network.loadingFailed" => failures.push(params.clone()),
             _ => {}
         }
     }
@@ -577,6 +584,13 @@ async fn check_requests(client: &Client, gateway: &str) {
         elsewhere.is_empty(),
         "requests that left {gateway}: {elsewhere:?}"
     );
+    let failures: Vec<String> = failures
+        .iter()
+        .filter_map(|failure| {
+            let url = sent.get(failure["requestId"].as_str().unwrap_or_default())?;
+            Some(format!("{url}: {failure}"))
+        })
+        .collect();
     assert!(failures.is_empty(), "failed requests: {failures:#?}");
     for expected in [
         "/graphql",
