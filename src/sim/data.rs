@@ -2,10 +2,12 @@
 //! of Cube queries (single and data-blending batches) over it.
 //!
 //! Every fact is derived from its coordinates (customer, day, region, product)
-//! by a small stable hash, so every `bi-sim` process, and the simulator
-//! embedded in every gateway instance, returns the same rows for the same
-//! query, forever. Money is kept in integer cents, so sums are exact and a
-//! total always equals the sum of its buckets.
+//! and the data version by a small stable hash, so every `bi-sim` process, and
+//! the simulator embedded in every gateway instance, returns the same rows for
+//! the same query and version, forever. Version 0 is the data a simulator
+//! starts with; a test moves to another (`POST /_sim/data-version`) to make
+//! the numbers change, as new orders would. Money is kept in integer cents, so
+//! sums are exact and a total always equals the sum of its buckets.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,9 +38,15 @@ pub const BLEND_WITHOUT_GRANULARITY: &str =
     "Data blending query without granularity is not supported";
 pub const BLEND_GRANULARITIES_MISMATCH: &str = "Data blending query granularities must match";
 
-/// The rows `/load` returns for `query` asked alone, or why it is rejected.
+/// The rows `/load` returns for `query` asked alone at data version 0 (the
+/// data a simulator starts with), or why it is rejected.
 pub fn answer(query: &CubeQuery) -> Result<Vec<Row>, String> {
-    Plan::parse(query).map(|plan| plan.run())
+    answer_at(query, 0)
+}
+
+/// The rows `/load` returns for `query` asked alone at data `version`.
+pub fn answer_at(query: &CubeQuery, version: u64) -> Result<Vec<Row>, String> {
+    Plan::parse(query).map(|plan| plan.run(version))
 }
 
 /// The rows of every query of a data-blending batch, by position, or the one
@@ -47,14 +55,14 @@ pub fn answer(query: &CubeQuery) -> Result<Vec<Row>, String> {
 /// Blending rules are checked before any query is evaluated, as Cube does, and
 /// every row carries the extra `time.<granularity>` key that Cube adds to
 /// batched answers.
-pub fn answer_batch(queries: &[CubeQuery]) -> Result<Vec<Vec<Row>>, String> {
+pub fn answer_batch(queries: &[CubeQuery], version: u64) -> Result<Vec<Vec<Row>>, String> {
     let granularity = blending_granularity(queries)?;
     let time_key = format!("time.{granularity}");
     let bucket_key = format!("{TIME_DIMENSION}.{granularity}");
     queries
         .iter()
         .map(|query| {
-            let mut rows = answer(query)?;
+            let mut rows = answer_at(query, version)?;
             for row in &mut rows {
                 if let Some(bucket) = row.get(&bucket_key).cloned() {
                     row.insert(time_key.clone(), bucket);
@@ -171,7 +179,7 @@ impl Plan {
         })
     }
 
-    fn run(&self) -> Vec<Row> {
+    fn run(&self, version: u64) -> Vec<Row> {
         // Keyed by (bucket, dimension values in query order): the BTreeMap's
         // order is the row order, time first, then dimension values.
         let mut groups: BTreeMap<(Option<NaiveDate>, Vec<&str>), Totals> = BTreeMap::new();
@@ -188,7 +196,7 @@ impl Plan {
                                 Dimension::CustomerId => customer.as_str(),
                             })
                             .collect();
-                        let fact = fact(customer, day, region, product);
+                        let fact = fact(customer, day, region, product, version);
                         groups.entry((bucket, values)).or_default().add(fact);
                     }
                 }
@@ -387,10 +395,17 @@ struct Fact {
     revenue_cents: u64,
 }
 
-fn fact(customer: &str, day: NaiveDate, region: &str, product: &str) -> Fact {
+fn fact(customer: &str, day: NaiveDate, region: &str, product: &str, version: u64) -> Fact {
     // The zero bytes separate the parts so that ("ab", "c") and ("a", "bc")
-    // hash differently.
-    let hash = fnv1a(&[
+    // hash differently. Version 0 adds nothing, so its data is the data the
+    // simulator always had.
+    let version_bytes = version.to_le_bytes();
+    let versioned: &[&[u8]] = if version == 0 {
+        &[]
+    } else {
+        &[&[0], &version_bytes]
+    };
+    let coordinates: [&[u8]; 7] = [
         customer.as_bytes(),
         &[0],
         &day.num_days_from_ce().to_le_bytes(),
@@ -398,7 +413,9 @@ fn fact(customer: &str, day: NaiveDate, region: &str, product: &str) -> Fact {
         region.as_bytes(),
         &[0],
         product.as_bytes(),
-    ]);
+    ];
+    let parts: Vec<&[u8]> = coordinates.iter().chain(versioned).copied().collect();
+    let hash = fnv1a(&parts);
     let orders = 1 + hash % 20;
     // A unit price between 10.00 and 99.99, in cents.
     let price_cents = 1_000 + (hash >> 8) % 9_000;
@@ -556,6 +573,36 @@ mod tests {
         for key in ["Sales.revenue", "Sales.orders"] {
             assert_eq!(sum(&fine, key), sum(&rows(&total), key));
             assert_eq!(sum(&rows(&by_region), key), sum(&rows(&total), key));
+        }
+    }
+
+    /// Another data version changes the numbers, deterministically, and
+    /// keeps the shape; version 0 is the data the simulator always served.
+    #[test]
+    fn data_versions_change_the_numbers_and_only_them() {
+        let q = query(
+            &MEASURES,
+            &["Sales.region"],
+            ["2025-01-01", "2025-01-07"],
+            Some("day"),
+        );
+        let first = answer_at(&q, 0).expect("valid");
+        assert_eq!(first, rows(&q));
+        let second = answer_at(&q, 1).expect("valid");
+        assert_ne!(first, second, "version 1 has other numbers");
+        assert_eq!(
+            second,
+            answer_at(&q, 1).expect("valid"),
+            "and always the same ones"
+        );
+        assert_ne!(second, answer_at(&q, 2).expect("valid"));
+        let keys = |rows: &[Row]| -> Vec<Vec<String>> {
+            rows.iter().map(|r| r.keys().cloned().collect()).collect()
+        };
+        assert_eq!(keys(&first), keys(&second), "the same rows and members");
+        for (a, b) in first.iter().zip(&second) {
+            assert_eq!(a["Sales.region"], b["Sales.region"]);
+            assert_eq!(a["Sales.date"], b["Sales.date"]);
         }
     }
 
@@ -756,7 +803,7 @@ mod tests {
         let totals = query(&["Sales.orders"], &[], range, None);
 
         let err = |queries: &[CubeQuery]| {
-            answer_batch(queries).expect_err("the batch breaks a blending rule")
+            answer_batch(queries, 0).expect_err("the batch breaks a blending rule")
         };
         assert_eq!(
             err(&[totals.clone(), totals.clone()]),
@@ -772,10 +819,10 @@ mod tests {
 
         // One bad query fails the whole batch.
         let unknown = query(&["Sales.nope"], &[], range, Some("day"));
-        assert!(answer_batch(&[daily.clone(), unknown]).is_err());
+        assert!(answer_batch(&[daily.clone(), unknown], 0).is_err());
 
         let by_region = query(&["Sales.revenue"], &["Sales.region"], range, Some("day"));
-        let batch = answer_batch(&[daily.clone(), by_region.clone()]).expect("same granularity");
+        let batch = answer_batch(&[daily.clone(), by_region.clone()], 0).expect("same granularity");
         assert_eq!(batch.len(), 2);
         for (batched, alone) in batch.iter().zip([&daily, &by_region]) {
             let mut stripped = batched.clone();

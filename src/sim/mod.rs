@@ -4,7 +4,8 @@
 //! queries, and `GET /meta`) under any path prefix, for one `Sales` cube,
 //! after a configurable latency, and counts every call it receives so tests
 //! can prove what the gateway did (or did not) send. Control routes under
-//! `/_sim/` read the counters, reset them and inject faults.
+//! `/_sim/` read the counters, reset them, inject faults and move the data
+//! to another version (new numbers, as if orders came in).
 //!
 //! The same simulator runs as the `bi-sim` binary and embedded in the gateway
 //! on a loopback port; either way it is reached over real HTTP, so the
@@ -31,7 +32,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::bi::protocol::CubeQuery;
-pub use data::answer;
+pub use data::{answer, answer_at};
 use faults::{Fault, Faults, FaultsUpdate};
 
 /// How the simulator behaves before any fault is injected.
@@ -62,6 +63,13 @@ struct State {
     faults: Faults,
 }
 
+/// The body of `POST /_sim/data-version`, and its answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DataVersion {
+    pub version: u64,
+}
+
 /// What the simulator has received since it started or was last reset.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -81,6 +89,9 @@ pub struct SimStats {
     pub last_traceparent: Option<String>,
     /// The largest number of queries seen in one request.
     pub max_batch_size: u64,
+    /// The version of the data `/load` answers from (0 at start and after a
+    /// reset): each version has its own deterministic numbers.
+    pub data_version: u64,
 }
 
 /// The key under which [`SimStats::by_query`] counts `query`: its JSON with
@@ -128,14 +139,20 @@ impl Simulator {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Moves `/load` answers to data `version` from the next request on.
+    pub fn set_data_version(&self, version: u64) {
+        self.lock().stats.data_version = version;
+    }
+
     /// Counts one `/load` request carrying `queries` (none if its body could
-    /// not be read) and remembers its headers.
+    /// not be read) and remembers its headers. Returns the data version the
+    /// request is answered from.
     fn record_load(
         &self,
         queries: &[CubeQuery],
         authorization: Option<String>,
         traceparent: Option<String>,
-    ) {
+    ) -> u64 {
         let mut state = self.lock();
         let stats = &mut state.stats;
         let batch = u64::try_from(queries.len()).unwrap_or(u64::MAX);
@@ -147,6 +164,7 @@ impl Simulator {
         }
         stats.last_authorization = authorization;
         stats.last_traceparent = traceparent;
+        stats.data_version
     }
 
     fn record_meta(&self) {
@@ -170,8 +188,9 @@ impl Simulator {
         Ok(state.faults.clone())
     }
 
-    /// Zeroes the counters, clears the faults and restores the configured
-    /// latency: back to the state right after [`Simulator::new`].
+    /// Zeroes the counters, clears the faults, restores the configured
+    /// latency and data version 0: back to the state right after
+    /// [`Simulator::new`].
     fn reset(&self) {
         let mut state = self.lock();
         state.stats = SimStats::default();

@@ -138,6 +138,13 @@ impl Sim {
         self.control("faults", Some(faults)).await;
     }
 
+    /// Moves the BI's data to `version` (`POST /_sim/data-version`): new
+    /// numbers from the next `/load` on.
+    pub async fn set_data_version(&self, version: u64) {
+        self.control("data-version", Some(json!({ "version": version })))
+            .await;
+    }
+
     async fn control(&self, route: &str, body: Option<Value>) {
         let mut request = self
             .http
@@ -930,6 +937,12 @@ pub fn expected_rows(
 /// alone. The BI query is planned by the gateway's own [`Planner`] with the
 /// default settings, so the test does not re-implement planning.
 pub fn expected_rows_for(input: &Value) -> Value {
+    expected_rows_at(input, 0)
+}
+
+/// The rows bi-sim returns for the panel of this `input` variable asked
+/// alone at data `version`.
+pub fn expected_rows_at(input: &Value, version: u64) -> Value {
     let strings = |field: &str| -> Vec<String> {
         input[field]
             .as_array()
@@ -965,7 +978,7 @@ pub fn expected_rows_for(input: &Value) -> Value {
     )
     .expect("expected rows are computed for valid inputs only");
     let planned = Planner::new(config.planner, "expected-rows").plan(&query);
-    let rows = sim::answer(&planned.cube).expect("bi-sim answers the planned query");
+    let rows = sim::answer_at(&planned.cube, version).expect("bi-sim answers the planned query");
     serde_json::to_value(rows).expect("rows are JSON")
 }
 
