@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::bi::protocol::CubeQuery;
-use crate::bi::{BiAnswer, BiClient, BiError};
+use crate::bi::{BiAnswer, BiClient, BiError, TokenScope};
 use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, Lifetime, unix_micros};
 use crate::coalesce::{
     Coordinator, Decision, FlightLead, Flights, Invalidations, Joined, Lease, Origin, Resolved,
@@ -332,7 +332,7 @@ impl Aggregator {
             return;
         }
         let early = delta.mul_f64(-fastrand::f64().max(f64::MIN_POSITIVE).ln());
-        if early >= left && self.take_ahead_budget() {
+        if early >= left {
             self.refresh(query, entry, RefreshTrigger::Ahead);
         }
     }
@@ -363,6 +363,11 @@ impl Aggregator {
         let Joined::Lead(lead, _) = self.refreshes.join(&query.key, deadline) else {
             return;
         };
+        // Only a refresh that starts spends the budget (not the reads of a
+        // key whose refresh is already under way).
+        if trigger == RefreshTrigger::Ahead && !self.take_ahead_budget() {
+            return;
+        }
         // Its own trace, linked from the request that caused it: a refresh
         // belongs to no request.
         let span = tracing::info_span!(
@@ -429,7 +434,12 @@ impl Aggregator {
                                 });
                             }
                             Decision::Settled(cached) => {
-                                if let Some(again) = self.settle_found(key, cached) {
+                                let origin = if key.takeover {
+                                    Origin::Waited
+                                } else {
+                                    Origin::Found
+                                };
+                                if let Some(again) = self.settle_found(key, cached, origin) {
                                     pending.push(again);
                                 }
                             }
@@ -484,14 +494,15 @@ impl Aggregator {
         round.into_iter().zip(decisions).collect()
     }
 
-    /// Completes `key`'s flight with what the store had; gives the key back
-    /// when that is an evicted entry (it must be produced again).
-    fn settle_found(self: &Arc<Self>, key: Pending, cached: Cached) -> Option<Pending> {
-        let origin = if key.takeover {
-            Origin::Waited
-        } else {
-            Origin::Found
-        };
+    /// Completes `key`'s flight with what the store had (or what the holder
+    /// it waited for stored); gives the key back when that is an evicted
+    /// entry (it must be produced again).
+    fn settle_found(
+        self: &Arc<Self>,
+        key: Pending,
+        cached: Cached,
+        origin: Origin,
+    ) -> Option<Pending> {
         let entry = match cached {
             Cached::Error(negative) => {
                 if key.refresh.is_some() {
@@ -532,20 +543,19 @@ impl Aggregator {
     }
 
     /// Waits for the holder of `key`'s lock; gives the key back when the
-    /// holder went away without an answer.
-    async fn wait_for(&self, key: Pending) -> Option<Pending> {
+    /// holder went away without an answer, or when its answer is no longer
+    /// servable (an invalidation came after its BI call began).
+    async fn wait_for(self: &Arc<Self>, key: Pending) -> Option<Pending> {
         match self
             .coordinator
-            .wait(&key.query.key, key.flight.deadline())
+            .wait(
+                &key.query.key,
+                key.replaces.as_deref(),
+                key.flight.deadline(),
+            )
             .await
         {
-            Waited::Settled(cached) => {
-                key.flight.complete(match cached {
-                    Cached::Value(entry) => Ok(Resolved::new(entry, Origin::Waited)),
-                    Cached::Error(negative) => Err(negative.error.clone()),
-                });
-                None
-            }
+            Waited::Settled(cached) => self.settle_found(key, cached, Origin::Waited),
             Waited::HolderGone => Some(Pending {
                 takeover: true,
                 ..key
@@ -593,7 +603,11 @@ impl Aggregator {
 
     async fn call_bi(&self, batch: &[Production]) -> Result<BiAnswer, BiError> {
         let queries: Vec<&CubeQuery> = batch.iter().map(|p| &*p.query.cube).collect();
-        self.bi.load(&queries).await
+        // `into_batches` keeps one token scope per batch.
+        let scope = batch
+            .first()
+            .map_or(TokenScope::Shared, |p| p.query.token_scope.clone());
+        self.bi.load(&scope, &queries).await
     }
 
     fn cooldown_left(&self) -> Option<Duration> {
@@ -738,14 +752,18 @@ fn count_answer(answer: &AnswerResult) {
 
 /// Splits productions into BI calls as Cube's blending rules allow: queries
 /// of one granularity together (at most `max_batch_size` a call), and each
-/// totals query (no granularity) on its own.
+/// totals query (no granularity) on its own. One HTTP request carries one
+/// token, so a batch also holds queries of one token scope only (one
+/// customer, when tokens are minted per customer). Timezones, filters,
+/// orders and limits may differ within a batch: Cube honours each
+/// sub-query's own.
 fn into_batches(productions: Vec<Production>, max_batch_size: usize) -> Vec<Vec<Production>> {
-    let mut by_granularity: BTreeMap<Granularity, Vec<Production>> = BTreeMap::new();
+    let mut by_granularity: BTreeMap<(Granularity, TokenScope), Vec<Production>> = BTreeMap::new();
     let mut batches = Vec::new();
     for production in productions {
         match production.query.granularity {
             Some(granularity) => by_granularity
-                .entry(granularity)
+                .entry((granularity, production.query.token_scope.clone()))
                 .or_default()
                 .push(production),
             None => batches.push(vec![production]),

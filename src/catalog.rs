@@ -1,15 +1,17 @@
 //! What the BI can answer: its cubes, measures and dimensions from `GET /meta`.
 //!
 //! The catalog is fetched in the background and kept fresh; until it is known,
-//! queries are validated by shape only and the BI has the last word.
+//! queries are validated by shape only and the BI has the last word. Each
+//! fetch also checks the cube mapping ([`CubeMap`]) against it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::bi::BiClient;
 use crate::bi::protocol::MetaResponse;
-use crate::query::{InputError, Member};
+use crate::cubes::CubeMap;
+use crate::query::{InputError, Member, MemberType};
 
 /// A snapshot of the BI's `/meta`.
 #[derive(Debug, Clone)]
@@ -18,15 +20,18 @@ pub struct Catalog {
     measures: BTreeSet<String>,
     /// Dimensions that may be grouped by in `dimensions`.
     dimensions: BTreeSet<String>,
-    /// Dimensions of type `time`, and the configured `BI_TIME_DIMENSION`:
-    /// they are bucketed with `granularity`, not grouped by in `dimensions`.
+    /// Dimensions of type `time`, and the mapped time dimensions: they are
+    /// bucketed with `granularity`, not grouped by in `dimensions`.
     time_dimensions: BTreeSet<String>,
+    /// Every measure's and dimension's type, for filter values.
+    types: BTreeMap<String, MemberType>,
+    cubes: Arc<CubeMap>,
 }
 
 impl Catalog {
-    /// `time_dimension` is `BI_TIME_DIMENSION`: a time dimension even when the
-    /// BI's `/meta` gives it no type.
-    pub fn new(meta: MetaResponse, time_dimension: &str) -> Catalog {
+    /// The cubes' mapped time dimensions are time dimensions even when the
+    /// BI's `/meta` gives them no type.
+    pub fn new(meta: MetaResponse, cubes: Arc<CubeMap>) -> Catalog {
         let measures = meta
             .cubes
             .iter()
@@ -37,13 +42,26 @@ impl Catalog {
             .iter()
             .flat_map(|cube| cube.dimensions.iter())
             .map(|d| d.name.clone())
-            .partition(|name| is_time(&meta, name, time_dimension));
+            .partition(|name| is_time(&meta, name, &cubes));
+        let types = meta
+            .cubes
+            .iter()
+            .flat_map(|cube| cube.measures.iter().chain(&cube.dimensions))
+            .map(|m| (m.name.clone(), MemberType::from_meta(m.kind.as_deref())))
+            .collect();
         Catalog {
             meta,
             measures,
             dimensions,
             time_dimensions,
+            types,
+            cubes,
         }
+    }
+
+    /// The cube mapping the catalog was built with.
+    pub fn cubes(&self) -> &CubeMap {
+        &self.cubes
     }
 
     pub fn meta(&self) -> &MetaResponse {
@@ -67,10 +85,26 @@ impl Catalog {
         }
         check(member, "dimensions", "dimension", &self.dimensions)
     }
+
+    /// The type of a filtered member (a measure or a dimension), for its values.
+    pub fn filter_type(&self, member: &Member) -> Result<MemberType, InputError> {
+        if self.is_time_dimension(member.as_str()) {
+            return Ok(MemberType::Time);
+        }
+        match self.types.get(member.as_str()) {
+            Some(kind) => Ok(*kind),
+            None => {
+                let known: BTreeSet<String> =
+                    self.measures.union(&self.dimensions).cloned().collect();
+                check(member, "filters", "measure or dimension", &known)
+                    .map(|()| MemberType::Unknown)
+            }
+        }
+    }
 }
 
-fn is_time(meta: &MetaResponse, name: &str, time_dimension: &str) -> bool {
-    name == time_dimension
+fn is_time(meta: &MetaResponse, name: &str, cubes: &CubeMap) -> bool {
+    cubes.is_time_dimension(name)
         || meta
             .cubes
             .iter()
@@ -112,15 +146,14 @@ fn check(
 #[derive(Debug)]
 pub struct CatalogStore {
     current: RwLock<Option<Arc<Catalog>>>,
-    /// `BI_TIME_DIMENSION`.
-    time_dimension: String,
+    cubes: Arc<CubeMap>,
 }
 
 impl CatalogStore {
-    pub fn new(time_dimension: &str) -> CatalogStore {
+    pub fn new(cubes: Arc<CubeMap>) -> CatalogStore {
         CatalogStore {
             current: RwLock::new(None),
-            time_dimension: time_dimension.to_owned(),
+            cubes,
         }
     }
 
@@ -136,17 +169,28 @@ impl CatalogStore {
         Ok(self.set(bi.meta().await?))
     }
 
-    fn set(&self, meta: MetaResponse) -> Arc<Catalog> {
-        let catalog = Arc::new(Catalog::new(meta, &self.time_dimension));
+    /// Keeps `meta` as the current catalog. A mapping that no longer fits
+    /// it (a cube or member renamed in the BI since start-up) is logged as an
+    /// error: queries still carry every customer filter, and the BI refuses
+    /// the members it lacks, so nothing is served unscoped meanwhile.
+    pub fn set(&self, meta: MetaResponse) -> Arc<Catalog> {
+        for problem in self.cubes.problems(&meta) {
+            tracing::error!(problem = %problem, "the cube mapping does not fit the BI's catalog");
+        }
+        let catalog = Arc::new(Catalog::new(meta, Arc::clone(&self.cubes)));
         if let Ok(mut guard) = self.current.write() {
             *guard = Some(Arc::clone(&catalog));
         }
         catalog
     }
 
-    /// Fetches `/meta` now and then every `every`; after a failure, again soon.
+    /// Fetches `/meta` now (unless the catalog is known already) and then
+    /// every `every`; after a failure, again soon.
     pub async fn refresh_forever(self: Arc<Self>, bi: BiClient, every: Duration) {
         const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+        if self.get().is_some() {
+            tokio::time::sleep(every).await;
+        }
         loop {
             let pause = match bi.meta().await {
                 Ok(meta) => {
@@ -168,6 +212,14 @@ mod tests {
     use super::*;
     use crate::bi::protocol::{MetaCube, MetaMember};
 
+    fn uniform() -> Arc<CubeMap> {
+        let member = |name| Member::parse(name).expect("a member");
+        Arc::new(CubeMap::uniform(
+            member("Sales.date"),
+            member("Sales.customerId"),
+        ))
+    }
+
     fn member(name: &str) -> MetaMember {
         MetaMember {
             name: name.into(),
@@ -186,7 +238,7 @@ mod tests {
                     dimensions: vec![member("Sales.region")],
                 }],
             },
-            "Sales.date",
+            uniform(),
         );
         let parse = |s| Member::parse(s).expect("well-formed");
         assert!(catalog.check_measure(&parse("Sales.revenue")).is_ok());
@@ -221,7 +273,7 @@ mod tests {
                     ],
                 }],
             },
-            "Sales.date",
+            uniform(),
         );
         let parse = |s| Member::parse(s).expect("well-formed");
         assert!(catalog.check_dimension(&parse("Sales.region")).is_ok());

@@ -52,6 +52,25 @@ pub struct Cli {
     #[arg(long, env = "BI_TIME_DIMENSION", default_value = "Sales.date")]
     pub bi_time_dimension: String,
 
+    /// JSON or TOML file mapping each cube to its time dimension and customer
+    /// member; unset: BI_TIME_DIMENSION and BI_CUSTOMER_MEMBER apply to every cube.
+    #[arg(long, env = "BI_CUBES_FILE")]
+    pub bi_cubes_file: Option<String>,
+
+    /// Cube's API secret: the gateway mints a short-lived, customer-scoped
+    /// Cube JWT per customer instead of sending BI_TOKEN.
+    #[arg(long, env = "BI_API_SECRET", hide_env_values = true)]
+    pub bi_api_secret: Option<String>,
+
+    /// The claim of a minted token's security context that names the customer.
+    #[arg(long, env = "BI_SECURITY_CONTEXT_CLAIM", default_value = "customerId")]
+    pub bi_security_context_claim: String,
+
+    /// Lifetime of a minted token; it is reused until max(a fifth of it,
+    /// BI_TIMEOUT_SECS) before it expires.
+    #[arg(long, env = "BI_TOKEN_TTL_SECS", default_value_t = 900)]
+    pub bi_token_ttl_secs: u64,
+
     /// Deadline of one BI call, Continue-wait rounds and 429 waits included.
     #[arg(long, env = "BI_TIMEOUT_SECS", default_value_t = 30)]
     pub bi_timeout_secs: u64,
@@ -153,6 +172,18 @@ pub struct Cli {
     /// Longest `dateRange` accepted, in days (both ends included).
     #[arg(long, env = "MAX_DATE_RANGE_DAYS", default_value_t = 731)]
     pub max_date_range_days: u32,
+
+    /// Longest `dateRange` accepted with granularity HOUR, in days.
+    #[arg(long, env = "MAX_HOURLY_RANGE_DAYS", default_value_t = 31)]
+    pub max_hourly_range_days: u32,
+
+    /// Most filters in one `aggregate`.
+    #[arg(long, env = "MAX_FILTERS", default_value_t = 20)]
+    pub max_filters: usize,
+
+    /// Most values in one filter.
+    #[arg(long, env = "MAX_FILTER_VALUES", default_value_t = 100)]
+    pub max_filter_values: usize,
 
     /// Most measures in one `aggregate`.
     #[arg(long, env = "MAX_MEASURES", default_value_t = 20)]
@@ -379,6 +410,8 @@ impl BiTarget {
 #[derive(Debug, Clone)]
 pub struct BiClientSettings {
     pub token: Option<String>,
+    /// `BI_API_SECRET` and its companions: tokens minted per customer.
+    pub minting: Option<crate::bi::MintSettings>,
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub continue_wait_delay: Duration,
@@ -432,20 +465,28 @@ pub struct RedisOptions {
 #[derive(Debug, Clone)]
 pub struct QueryLimits {
     pub max_range_days: u32,
+    /// The longest range with granularity HOUR.
+    pub max_hourly_range_days: u32,
     pub max_measures: usize,
     pub max_dimensions: usize,
     pub max_customer_len: usize,
-    /// `BI_TIME_DIMENSION`, refused in `dimensions` even before the BI's
-    /// catalog is known: its buckets come from `granularity`.
-    pub time_dimension: String,
+    pub max_filters: usize,
+    pub max_filter_values: usize,
+    /// `BI_ROW_LIMIT`: the largest `limit`, and the one set when a query has none.
+    pub row_limit: u32,
+    /// Each cube's time dimension and customer member (`BI_CUBES_FILE`, or
+    /// `BI_TIME_DIMENSION` and `BI_CUSTOMER_MEMBER` for every cube). Time
+    /// dimensions are refused in `dimensions` and customer members in
+    /// `filters` even before the BI's catalog is known.
+    pub cubes: std::sync::Arc<crate::cubes::CubeMap>,
 }
 
 /// What turns a validated query into a BI query; all of it is part of the cache key.
 #[derive(Debug, Clone)]
 pub struct PlannerSettings {
-    pub customer_member: String,
-    pub time_dimension: String,
-    pub row_limit: u32,
+    /// Whether each customer's queries carry a token of their own
+    /// (`BI_API_SECRET`): a token scope per customer.
+    pub customer_tokens: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -596,18 +637,56 @@ impl Config {
                 local_cache: cli.redis_local_cache,
             }),
         };
-        for (variable, member) in [
-            ("BI_CUSTOMER_MEMBER", &cli.bi_customer_member),
-            ("BI_TIME_DIMENSION", &cli.bi_time_dimension),
-        ] {
-            if crate::query::Member::parse(member).is_none() {
-                return Err(bad(
+        let member = |variable, member: &str| {
+            crate::query::Member::parse(member).ok_or_else(|| {
+                bad(
                     variable,
                     format!("`{member}` is not a Cube member like Sales.customerId"),
+                )
+            })
+        };
+        let customer_member = member("BI_CUSTOMER_MEMBER", &cli.bi_customer_member)?;
+        let time_dimension = member("BI_TIME_DIMENSION", &cli.bi_time_dimension)?;
+        let cubes = match cli.bi_cubes_file.as_deref().map(str::trim) {
+            None | Some("") => crate::cubes::CubeMap::uniform(time_dimension, customer_member),
+            Some(path) => {
+                crate::cubes::CubeMap::from_file(path).map_err(|err| bad("BI_CUBES_FILE", err))?
+            }
+        };
+        positive("BI_TIMEOUT_SECS", cli.bi_timeout_secs)?;
+        let bi_token = cli.bi_token.filter(|t| !t.is_empty());
+        let minting = match cli.bi_api_secret.as_deref() {
+            None | Some("") => None,
+            Some(_) if bi_token.is_some() => {
+                return Err(bad(
+                    "BI_API_SECRET",
+                    "set either BI_API_SECRET (tokens minted per customer) or BI_TOKEN, not both",
                 ));
             }
-        }
-        positive("BI_TIMEOUT_SECS", cli.bi_timeout_secs)?;
+            Some(secret) => {
+                let claim = cli.bi_security_context_claim.trim();
+                if claim.is_empty() || ["iat", "exp", "nbf"].contains(&claim) {
+                    return Err(bad(
+                        "BI_SECURITY_CONTEXT_CLAIM",
+                        "must be a claim name other than iat, exp and nbf",
+                    ));
+                }
+                let ttl = Duration::from_secs(cli.bi_token_ttl_secs);
+                let call = Duration::from_secs(cli.bi_timeout_secs);
+                if ttl < call * 2 {
+                    return Err(bad(
+                        "BI_TOKEN_TTL_SECS",
+                        "must be at least twice BI_TIMEOUT_SECS: a token must outlive every BI call that carries it",
+                    ));
+                }
+                Some(crate::bi::MintSettings {
+                    secret: secret.to_owned(),
+                    claim: claim.to_owned(),
+                    ttl,
+                    reuse_for: ttl - (ttl / 5).max(call),
+                })
+            }
+        };
         positive("CACHE_TTL_SECS", cli.cache_ttl_secs)?;
         if cli.redis_lock_ttl_ms < 100 {
             return Err(bad("REDIS_LOCK_TTL_MS", "must be at least 100"));
@@ -619,6 +698,11 @@ impl Config {
         positive("REQUEST_TIMEOUT_SECS", cli.request_timeout_secs)?;
         positive("MAX_DATE_RANGE_DAYS", u64::from(cli.max_date_range_days))?;
         positive("MAX_MEASURES", cli.max_measures as u64)?;
+        positive(
+            "MAX_HOURLY_RANGE_DAYS",
+            u64::from(cli.max_hourly_range_days),
+        )?;
+        positive("MAX_FILTER_VALUES", cli.max_filter_values as u64)?;
         positive("BI_MAX_BATCH_SIZE", cli.bi_max_batch_size as u64)?;
         positive("MEMORY_CACHE_MAX_MB", cli.memory_cache_max_mb)?;
         positive("MAX_CUSTOMER_LEN", cli.max_customer_len as u64)?;
@@ -686,28 +770,32 @@ impl Config {
             )?),
         };
 
+        let minting_on = minting.is_some();
         Ok(Config {
             listen,
             bi,
             bi_client: BiClientSettings {
-                token: cli.bi_token.filter(|t| !t.is_empty()),
+                token: bi_token,
+                minting,
                 timeout: Duration::from_secs(cli.bi_timeout_secs),
                 pool_idle_timeout: Duration::from_millis(cli.bi_pool_idle_timeout_ms),
                 continue_wait_delay: Duration::from_millis(cli.bi_continue_wait_delay_ms),
                 max_batch_size: cli.bi_max_batch_size,
             },
             coordination,
+            planner: PlannerSettings {
+                customer_tokens: minting_on,
+            },
             query: QueryLimits {
                 max_range_days: cli.max_date_range_days,
+                max_hourly_range_days: cli.max_hourly_range_days,
                 max_measures: cli.max_measures,
                 max_dimensions: cli.max_dimensions,
                 max_customer_len: cli.max_customer_len,
-                time_dimension: cli.bi_time_dimension.clone(),
-            },
-            planner: PlannerSettings {
-                customer_member: cli.bi_customer_member,
-                time_dimension: cli.bi_time_dimension,
+                max_filters: cli.max_filters,
+                max_filter_values: cli.max_filter_values,
                 row_limit: cli.bi_row_limit,
+                cubes: std::sync::Arc::new(cubes),
             },
             cache: CacheSettings {
                 ttl: Duration::from_secs(cli.cache_ttl_secs),
@@ -939,6 +1027,23 @@ mod tests {
             (&["--bi-row-limit", "60000"], "BI_ROW_LIMIT"),
             (&["--bi-customer-member", "customer"], "BI_CUSTOMER_MEMBER"),
             (&["--cache-namespace", "a b"], "CACHE_NAMESPACE"),
+            (
+                &["--bi-cubes-file", "/nonexistent/cubes.toml"],
+                "BI_CUBES_FILE",
+            ),
+            (
+                &["--bi-api-secret", "s", "--bi-token", "t"],
+                "BI_API_SECRET",
+            ),
+            (
+                &["--bi-api-secret", "s", "--bi-token-ttl-secs", "59"],
+                "BI_TOKEN_TTL_SECS",
+            ),
+            (
+                &["--bi-api-secret", "s", "--bi-security-context-claim", "exp"],
+                "BI_SECURITY_CONTEXT_CLAIM",
+            ),
+            (&["--max-hourly-range-days", "0"], "MAX_HOURLY_RANGE_DAYS"),
             (
                 &["--otel-exporter-otlp-endpoint", "nope"],
                 "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`config`]: flags and environment, resolved once.
 //! - [`query`]: the validated query, its BI form and its cache key.
+//! - [`cubes`]: each cube's time dimension and customer member (`BI_CUBES_FILE`).
 //! - [`graphql`]: schema, resolvers, the per-request dataloader, error codes.
 //! - [`aggregate`]: lookups, in-process flights, BI batches: the request flow.
 //! - [`coalesce`]: who produces each key (in-process flights, coordinators).
@@ -23,6 +24,7 @@ pub mod cache;
 pub mod catalog;
 pub mod coalesce;
 pub mod config;
+pub mod cubes;
 pub mod graphql;
 pub mod http;
 pub mod query;
@@ -57,9 +59,14 @@ pub enum StartError {
     Redis(String),
     #[error("{0}")]
     Auth(String),
+    #[error("the cube mapping does not fit the BI's catalog: {0}")]
+    Cubes(String),
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
 }
+
+/// How long the start waits for the BI's catalog to check the cube mapping.
+const START_CATALOG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Background tasks that must not outlive the gateway.
 struct TaskGuard(Vec<JoinHandle<()>>);
@@ -103,7 +110,19 @@ pub async fn run(
                 .await
                 .map_err(StartError::Simulator)?;
             let address = sim_listener.local_addr().map_err(StartError::Simulator)?;
-            let simulator = sim::Simulator::new(sim::SimConfig { latency: *latency });
+            // Minted tokens are checked by the built-in BI as Cube would.
+            let security = config
+                .bi_client
+                .minting
+                .as_ref()
+                .map(|minting| sim::SimSecurity {
+                    secret: minting.secret.clone(),
+                    claim: minting.claim.clone(),
+                });
+            let simulator = sim::Simulator::new(sim::SimConfig {
+                latency: *latency,
+                security,
+            });
             tasks.0.push(tokio::spawn(async move {
                 if let Err(err) = sim::serve(sim_listener, simulator, std::future::pending()).await
                 {
@@ -120,6 +139,7 @@ pub async fn run(
     let bi = BiClient::new(BiSettings {
         base_url: base_url.clone(),
         token: config.bi_client.token.clone(),
+        minting: config.bi_client.minting.clone(),
         timeout: config.bi_client.timeout,
         pool_idle_timeout: config.bi_client.pool_idle_timeout,
         continue_wait_delay: config.bi_client.continue_wait_delay,
@@ -165,7 +185,7 @@ pub async fn run(
             negative_ttl: config.cache.negative_ttl,
             max_batch_size: config.bi_client.max_batch_size,
             instance_id: config.instance_id.clone(),
-            row_limit: config.planner.row_limit,
+            row_limit: config.query.row_limit,
             refresh: RefreshSettings {
                 ahead_min_reads: config.cache.refresh_ahead_min_hits,
                 ahead_per_minute: config.cache.refresh_max_per_minute,
@@ -174,7 +194,27 @@ pub async fn run(
         },
     );
 
-    let catalog = Arc::new(CatalogStore::new(&config.planner.time_dimension));
+    // The cube mapping is checked against the BI's catalog before anything
+    // is served: a member the BI lacks stops the start, naming it. A BI that
+    // cannot be reached now does not (the fleet must start while it is
+    // away); the mapping is checked whenever the catalog arrives.
+    let catalog = Arc::new(CatalogStore::new(Arc::clone(&config.query.cubes)));
+    match bi
+        .meta_within(START_CATALOG_TIMEOUT.min(config.bi_client.timeout))
+        .await
+    {
+        Ok(meta) => {
+            let problems = config.query.cubes.problems(&meta);
+            if !problems.is_empty() {
+                return Err(StartError::Cubes(problems.join("; ")));
+            }
+            catalog.set(meta);
+        }
+        Err(err) => tracing::warn!(
+            error = %err,
+            "could not fetch the BI catalog at start; the cube mapping is checked when it arrives"
+        ),
+    }
     tasks.0.push(tokio::spawn(
         Arc::clone(&catalog).refresh_forever(bi.clone(), config.catalog_refresh),
     ));
@@ -199,12 +239,21 @@ pub async fn run(
         BiTarget::Remote { base_url } => base_url.as_str(),
         BiTarget::Embedded { .. } => "embedded-simulator",
     };
-    let token_fingerprint = config
-        .bi_client
-        .token
-        .as_deref()
-        .map(auth::sha256_hex)
-        .unwrap_or_default();
+    // Minted tokens: the secret (hashed) and the claim say what the tokens
+    // carry; each key adds its own token scope (see `Planner::plan`).
+    let token_fingerprint = match &config.bi_client.minting {
+        Some(minting) => format!(
+            "minted:{}:{}",
+            auth::sha256_hex(&minting.secret),
+            minting.claim
+        ),
+        None => config
+            .bi_client
+            .token
+            .as_deref()
+            .map(auth::sha256_hex)
+            .unwrap_or_default(),
+    };
     let planner = Planner::new(
         config.planner.clone(),
         &format!("{bi_identity}\n{token_fingerprint}"),

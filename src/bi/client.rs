@@ -17,6 +17,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use super::protocol::{CONTINUE_WAIT, CubeQuery, LoadResponse, MetaResponse, Row};
+use super::tokens::{MintSettings, TokenMinter, TokenScope};
 use crate::telemetry::names;
 
 /// How the client talks to the BI.
@@ -25,6 +26,9 @@ pub struct BiSettings {
     /// Base URL without a trailing slash, like `http://cube:4000/cubejs-api/v1`.
     pub base_url: String,
     pub token: Option<String>,
+    /// Set with `BI_API_SECRET`: tokens are minted per customer, and
+    /// `token` is not used.
+    pub minting: Option<MintSettings>,
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub continue_wait_delay: Duration,
@@ -70,6 +74,12 @@ impl BiError {
     /// requests). Exhaustive, so that a new kind of failure is decided here.
     pub fn is_about_the_queries(&self) -> bool {
         match self {
+            // 401 and 403 refuse the request's credentials (a token that is
+            // expired, or signed with another secret): asking again with the
+            // same token, query by query, would be refused as many times.
+            BiError::Rejected {
+                status: 401 | 403, ..
+            } => false,
             BiError::Rejected { .. } | BiError::Failed { .. } | BiError::BadResponse(_) => true,
             BiError::Unavailable { .. }
             | BiError::RateLimited { .. }
@@ -118,6 +128,7 @@ struct Inner {
     load_url: String,
     meta_url: String,
     token: Option<HeaderValue>,
+    minter: Option<TokenMinter>,
     /// Host and port of the BI, for the semantic-convention span attributes.
     server_address: String,
     server_port: i64,
@@ -166,6 +177,12 @@ impl BiClient {
                 Ok(value)
             })
             .transpose()?;
+        let minter = settings
+            .minting
+            .as_ref()
+            .map(TokenMinter::new)
+            .transpose()
+            .map_err(|err| BiError::Unreachable(err.to_string()))?;
         let http = reqwest::Client::builder()
             // Cube closes idle keep-alive connections after 5 s; closing ours
             // first avoids sending a request down a connection being closed.
@@ -183,6 +200,7 @@ impl BiClient {
                 load_url: format!("{}/load", settings.base_url),
                 meta_url: format!("{}/meta", settings.base_url),
                 token,
+                minter,
                 timeout: settings.timeout,
                 continue_wait_delay: settings.continue_wait_delay,
             }),
@@ -190,17 +208,26 @@ impl BiClient {
     }
 
     /// Sends `queries` as one BI call (a batch when there are several; the
-    /// caller keeps a batch within Cube's blending rules) and returns their
-    /// rows in order. Batched rows lose the `time.<granularity>` key that Cube
-    /// adds only to batches, so rows never depend on how they were fetched.
-    pub async fn load(&self, queries: &[&CubeQuery]) -> Result<BiAnswer, BiError> {
-        let result = self.load_inner(queries).await;
+    /// caller keeps a batch within Cube's blending rules, and of one token
+    /// `scope`) and returns their rows in order. Batched rows lose the
+    /// `time.<granularity>` key that Cube adds only to batches, so rows never
+    /// depend on how they were fetched.
+    pub async fn load(
+        &self,
+        scope: &TokenScope,
+        queries: &[&CubeQuery],
+    ) -> Result<BiAnswer, BiError> {
+        let result = self.load_inner(scope, queries).await;
         let outcome = if result.is_ok() { "ok" } else { "error" };
         metrics::counter!(names::BI_QUERIES, "outcome" => outcome).increment(queries.len() as u64);
         result
     }
 
-    async fn load_inner(&self, queries: &[&CubeQuery]) -> Result<BiAnswer, BiError> {
+    async fn load_inner(
+        &self,
+        scope: &TokenScope,
+        queries: &[&CubeQuery],
+    ) -> Result<BiAnswer, BiError> {
         let body = match queries {
             [] => {
                 return Ok(BiAnswer {
@@ -216,6 +243,8 @@ impl BiClient {
         }
         .map_err(|err| BiError::BadResponse(err.to_string()))?;
         let body = bytes::Bytes::from(body);
+        // Once per call: a kept token has more than one call's deadline left.
+        let authorization = self.authorization(scope)?;
         let deadline = Instant::now() + self.inner.timeout;
         let members = describe_members(queries);
         let date_ranges = describe_date_ranges(queries);
@@ -239,7 +268,7 @@ impl BiClient {
                 otel.status_code = Empty,
             );
             let attempt = self
-                .send_load(body.clone(), deadline)
+                .send_load(body.clone(), authorization.as_ref(), deadline)
                 .instrument(span.clone())
                 .await;
             match attempt {
@@ -279,9 +308,14 @@ impl BiClient {
     }
 
     /// One HTTP request to `/load`, recorded on the current `bi.call` span.
-    async fn send_load(&self, body: bytes::Bytes, deadline: Instant) -> Attempt {
+    async fn send_load(
+        &self,
+        body: bytes::Bytes,
+        authorization: Option<&HeaderValue>,
+        deadline: Instant,
+    ) -> Attempt {
         let started = std::time::Instant::now();
-        let attempt = self.send_load_untimed(body, deadline).await;
+        let attempt = self.send_load_untimed(body, authorization, deadline).await;
         let outcome = match &attempt {
             Attempt::Answered(_) => "ok",
             Attempt::ContinueWait => "continue_wait",
@@ -300,19 +334,26 @@ impl BiClient {
         attempt
     }
 
-    async fn send_load_untimed(&self, body: bytes::Bytes, deadline: Instant) -> Attempt {
+    async fn send_load_untimed(
+        &self,
+        body: bytes::Bytes,
+        authorization: Option<&HeaderValue>,
+        deadline: Instant,
+    ) -> Attempt {
         let span = tracing::Span::current();
         let mut headers = reqwest::header::HeaderMap::new();
         // A BI that traces joins this trace: its work appears under `bi.call`.
         crate::telemetry::inject_trace(&mut headers);
-        let request = self.authorized(
-            self.inner
-                .http
-                .post(&self.inner.load_url)
-                .headers(headers)
-                .header(CONTENT_TYPE, "application/json")
-                .body(body),
-        );
+        if let Some(authorization) = authorization {
+            headers.insert(AUTHORIZATION, authorization.clone());
+        }
+        let request = self
+            .inner
+            .http
+            .post(&self.inner.load_url)
+            .headers(headers)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
         let timed_out = || Attempt::Failed(BiError::Timeout(self.inner.timeout));
         let response = match tokio::time::timeout_at(deadline, request.send()).await {
             Err(_) => return timed_out(),
@@ -376,9 +417,14 @@ impl BiClient {
 
     /// `GET /meta`: the BI's cubes and members.
     pub async fn meta(&self) -> Result<MetaResponse, BiError> {
+        self.meta_within(self.inner.timeout).await
+    }
+
+    /// `GET /meta`, given up after `within`.
+    pub async fn meta_within(&self, within: Duration) -> Result<MetaResponse, BiError> {
         let response = self
-            .authorized(self.inner.http.get(&self.inner.meta_url))
-            .timeout(self.inner.timeout)
+            .authorized(self.inner.http.get(&self.inner.meta_url))?
+            .timeout(within)
             .send()
             .await
             .map_err(|err| BiError::Unreachable(failure(&err)))?;
@@ -402,15 +448,34 @@ impl BiClient {
 
     /// Whether the BI answers `GET /meta` within `within`: the readiness probe.
     pub async fn is_reachable(&self, within: Duration) -> bool {
-        let request = self.authorized(self.inner.http.get(&self.inner.meta_url).timeout(within));
+        let Ok(request) =
+            self.authorized(self.inner.http.get(&self.inner.meta_url).timeout(within))
+        else {
+            return false;
+        };
         matches!(request.send().await, Ok(response) if response.status().is_success())
     }
 
-    /// `BI_TOKEN`, verbatim, on every request to the BI.
-    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.inner.token {
-            Some(token) => request.header(AUTHORIZATION, token.clone()),
+    /// The gateway's own credentials on a request that is no customer's.
+    fn authorized(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, BiError> {
+        Ok(match self.authorization(&TokenScope::Shared)? {
+            Some(value) => request.header(AUTHORIZATION, value),
             None => request,
+        })
+    }
+
+    /// The `Authorization` value for `scope`: a minted token when
+    /// `BI_API_SECRET` is set, else `BI_TOKEN` verbatim (or none).
+    fn authorization(&self, scope: &TokenScope) -> Result<Option<HeaderValue>, BiError> {
+        match &self.inner.minter {
+            Some(minter) => minter
+                .header(scope)
+                .map(Some)
+                .map_err(|err| BiError::Unreachable(err.to_string())),
+            None => Ok(self.inner.token.clone()),
         }
     }
 }

@@ -5,5 +5,7 @@
 
 pub mod client;
 pub mod protocol;
+pub mod tokens;
 
 pub use client::{BiAnswer, BiClient, BiError, BiSettings, CallRef};
+pub use tokens::{MintSettings, TokenScope};

@@ -24,6 +24,19 @@ struct Cli {
     /// How long every /load answer takes, in milliseconds.
     #[arg(long, env = "BI_SIM_LATENCY_MS", default_value_t = 2000)]
     latency_ms: u64,
+
+    /// Cube's API secret: set, every /load must carry a token signed with it
+    /// whose security context names the customer its queries filter on.
+    #[arg(long, env = "BI_SIM_API_SECRET", hide_env_values = true)]
+    api_secret: Option<String>,
+
+    /// The security-context claim that names the customer.
+    #[arg(
+        long,
+        env = "BI_SIM_SECURITY_CONTEXT_CLAIM",
+        default_value = "customerId"
+    )]
+    security_context_claim: String,
 }
 
 fn main() -> ExitCode {
@@ -86,8 +99,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let address = listener
         .local_addr()
         .context("cannot read the bound address")?;
+    let security = cli
+        .api_secret
+        .filter(|secret| !secret.is_empty())
+        .map(|secret| sim::SimSecurity {
+            secret,
+            claim: cli.security_context_claim,
+        });
+    if security.is_some() {
+        tracing::info!("bi-sim checks the security context of every token");
+    }
     let simulator = Simulator::new(SimConfig {
         latency: Duration::from_millis(cli.latency_ms),
+        security,
     });
     tracing::info!("bi-sim listening on http://{address}/cubejs-api/v1");
     sim::serve(listener, simulator, analytics_gateway::shutdown_signal())

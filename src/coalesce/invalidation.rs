@@ -73,6 +73,11 @@ pub struct Invalidations {
     /// untouched (the fast path of [`Invalidations::verdict`]).
     latest: AtomicU64,
     scopes: RwLock<HashMap<String, ScopeGenerations>>,
+    /// The shared sequence as of the last [`Invalidations::merge`] (0:
+    /// never). Kept apart from `latest`, which this process's own
+    /// invalidations raise too: one of those must not make an earlier one of
+    /// another instance look merged.
+    synced: AtomicU64,
 }
 
 impl Invalidations {
@@ -123,9 +128,16 @@ impl Invalidations {
         self.latest.fetch_max(generation, Ordering::AcqRel);
     }
 
-    /// Takes in the shared record (after a sync with Redis): generations
-    /// only ever grow, so what this process recorded meanwhile stays.
-    pub fn merge(&self, scopes: HashMap<String, ScopeGenerations>, latest: u64) {
+    /// Whether the shared record moved since the last merge (the sequence
+    /// `shared`, which may also have started over: Redis lost it).
+    pub fn needs_sync(&self, shared: u64) -> bool {
+        shared != self.synced.load(Ordering::Acquire)
+    }
+
+    /// Takes in the shared record read at sequence `shared` (after a sync
+    /// with Redis): generations only ever grow, so what this process
+    /// recorded meanwhile stays.
+    pub fn merge(&self, scopes: HashMap<String, ScopeGenerations>, latest: u64, shared: u64) {
         {
             let mut known = self.scopes.write().unwrap_or_else(|p| p.into_inner());
             for (field, seen) in scopes {
@@ -135,6 +147,7 @@ impl Invalidations {
             }
         }
         self.latest.fetch_max(latest, Ordering::AcqRel);
+        self.synced.store(shared, Ordering::Release);
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::{
@@ -16,9 +16,12 @@ use super::{
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
 
-/// With one process, the in-process flights already make each key's producer
-/// unique, so `try_lead` leads unless an answer is there.
+/// One process, one store: a key's lease is a slot in a map (a request's
+/// flight and a background refresh of the same key are two flights, and
+/// must not both call the BI).
 pub struct LocalCoordinator {
+    /// Keys being produced, and how their waiters learn that they are done.
+    producing: Arc<Mutex<HashMap<CacheKey, Arc<Notify>>>>,
     /// Entries, fresh or stale, until their stale time ends.
     values: MemoryCache,
     /// Remembered failures, beside a stale entry a failed refresh left.
@@ -39,6 +42,7 @@ type Followers = Arc<Mutex<HashMap<CacheKey, watch::Sender<Option<Cached>>>>>;
 impl LocalCoordinator {
     pub fn new(max_bytes: u64, negative_ttl: Duration) -> LocalCoordinator {
         LocalCoordinator {
+            producing: Arc::default(),
             values: MemoryCache::new(max_bytes),
             errors: MemoryCache::new(max_bytes / 16 + 1),
             negative_ttl,
@@ -78,23 +82,65 @@ impl Coordinator for LocalCoordinator {
                     Cached::Value(entry) => want.replaces.as_deref() != Some(entry.id.as_str()),
                     Cached::Error(_) => false,
                 });
-                match value.or_else(|| self.errors.get(&want.key)) {
-                    Some(cached) => Decision::Settled(cached),
-                    None => Decision::Lead(Lease {
-                        key: want.key.clone(),
-                        kind: LeaseKind::InProcess,
-                        replaces: want.replaces.clone(),
-                        generation: self.invalidations.current(),
-                        keep_alive: None,
-                    }),
+                if let Some(cached) = value.or_else(|| self.errors.get(&want.key)) {
+                    return Decision::Settled(cached);
                 }
+                let mut producing = self.producing.lock().unwrap_or_else(|p| p.into_inner());
+                if producing.contains_key(&want.key) {
+                    return Decision::Busy;
+                }
+                producing.insert(want.key.clone(), Arc::new(Notify::new()));
+                Decision::Lead(Lease {
+                    key: want.key.clone(),
+                    kind: LeaseKind::InProcess,
+                    replaces: want.replaces.clone(),
+                    generation: self.invalidations.current(),
+                    keep_alive: Some(Box::new(Producing {
+                        key: want.key.clone(),
+                        producing: Arc::clone(&self.producing),
+                    })),
+                })
             })
             .collect()
     }
 
-    async fn wait(&self, _key: &CacheKey, _deadline: &Deadline) -> Waited {
-        // Nobody else holds keys here; never reached through `try_lead`.
-        Waited::HolderGone
+    async fn wait(&self, key: &CacheKey, replaces: Option<&str>, deadline: &Deadline) -> Waited {
+        let done = self
+            .producing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned();
+        if let Some(done) = done {
+            let notified = done.notified();
+            tokio::pin!(notified);
+            // Registered before looking again: a lease given back in
+            // between still wakes this waiter.
+            notified.as_mut().enable();
+            let still = self
+                .producing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key)
+                .is_some_and(|current| Arc::ptr_eq(current, &done));
+            if still
+                && tokio::time::timeout_at(deadline.get(), notified)
+                    .await
+                    .is_err()
+            {
+                return Waited::Failed(AnswerError::unavailable(
+                    "waited for the key's producer until the request's deadline",
+                ));
+            }
+        }
+        let value = self.values.get(key).filter(|cached| match cached {
+            Cached::Value(entry) => replaces != Some(entry.id.as_str()),
+            Cached::Error(_) => false,
+        });
+        match value.or_else(|| self.errors.get(key)) {
+            Some(cached) => Waited::Settled(cached),
+            None => Waited::HolderGone,
+        }
     }
 
     async fn fill(&self, lease: Lease, entry: Arc<Entry>) {
@@ -115,6 +161,26 @@ impl Coordinator for LocalCoordinator {
 
     async fn cool_down(&self, _period: Duration) {
         // The aggregator's own cool-down is the whole world's here.
+    }
+}
+
+/// A key's lease, given back when dropped (after its fill or failure is
+/// stored, or with a producer that went away): its waiters look again.
+struct Producing {
+    key: CacheKey,
+    producing: Arc<Mutex<HashMap<CacheKey, Arc<Notify>>>>,
+}
+
+impl Drop for Producing {
+    fn drop(&mut self) {
+        let done = self
+            .producing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+        if let Some(done) = done {
+            done.notify_waiters();
+        }
     }
 }
 

@@ -143,7 +143,9 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn try_lead(&self, wants: &[Want], deadline: Instant) -> Vec<Decision>;
 
     /// Waits for the producer that holds `key` to settle it or go away.
-    async fn wait(&self, key: &CacheKey, deadline: &Deadline) -> Waited;
+    /// The entry `replaces` (what the producer was asked to replace: a
+    /// refresh's, an evicted one) is not an answer.
+    async fn wait(&self, key: &CacheKey, replaces: Option<&str>, deadline: &Deadline) -> Waited;
 
     /// Stores the producer's answer and gives up the lease, in one step.
     async fn fill(&self, lease: Lease, entry: Arc<Entry>);

@@ -11,4 +11,6 @@ mod schema;
 
 pub use errors::{ErrorCode, classify_request_errors};
 pub use loader::AggregateLoader;
-pub use schema::{AnswerFacts, GatewaySchema, SchemaContext, build_schema, schema_sdl};
+pub use schema::{
+    AggregateInput, AnswerFacts, GatewaySchema, SchemaContext, build_schema, schema_sdl,
+};

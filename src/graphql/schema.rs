@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{
-    Context, EmptyMutation, EmptySubscription, ErrorExtensions, InputObject, InputValueResult,
-    Object, Scalar, ScalarType, Schema, SimpleObject,
+    Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, InputObject,
+    InputValueResult, Object, Scalar, ScalarType, Schema, SimpleObject,
 };
 
 use super::errors::ResolverError;
@@ -18,7 +18,7 @@ use crate::bi::protocol::MetaMember;
 use crate::cache::{AnswerError, unix_millis};
 use crate::catalog::{Catalog, CatalogStore};
 use crate::config::{GraphqlLimits, QueryLimits};
-use crate::query::{AggregateQuery, Granularity, Planner, RawAggregate};
+use crate::query::{AggregateQuery, Planner, RawAggregate, RawFilter, RawOptions, RawOrder};
 use crate::telemetry;
 
 pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
@@ -133,6 +133,74 @@ pub struct AggregateInput {
     dimensions: Option<Vec<String>>,
     /// Time buckets; absent means totals over the whole range.
     granularity: Option<Granularity>,
+    /// ANDed; the gateway's customer filter is always added and cannot be
+    /// overridden (a filter on a customer member is refused).
+    filters: Option<Vec<FilterInput>>,
+    /// Members of the query only (its measures, dimensions, and its time
+    /// dimension when it has a granularity), in priority order.
+    order: Option<Vec<OrderInput>>,
+    /// At most BI_ROW_LIMIT (also what applies without it).
+    limit: Option<i32>,
+    /// Rows skipped before the first one answered.
+    offset: Option<i32>,
+    /// An IANA name like `America/New_York`; default `UTC`. Day boundaries
+    /// of `dateRange` and of the buckets are this timezone's.
+    timezone: Option<String>,
+}
+
+/// One filter: `member operator values`. `SET` and `NOT_SET` take no
+/// values, `GT`, `GTE`, `LT` and `LTE` one number, the others one or more
+/// (ORed for the positive operators).
+#[derive(Debug, InputObject)]
+pub struct FilterInput {
+    member: String,
+    operator: FilterOperator,
+    values: Option<Vec<String>>,
+}
+
+/// Cube's filter operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "crate::query::FilterOperator")]
+pub enum FilterOperator {
+    Equals,
+    NotEquals,
+    Contains,
+    NotContains,
+    StartsWith,
+    EndsWith,
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+    Set,
+    NotSet,
+}
+
+/// One `order` entry.
+#[derive(Debug, InputObject)]
+pub struct OrderInput {
+    member: String,
+    #[graphql(default_with = "OrderDirection::Asc")]
+    direction: OrderDirection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "crate::query::OrderDirection")]
+pub enum OrderDirection {
+    Asc,
+    Desc,
+}
+
+/// Time buckets, as GraphQL spells them; lower-case on the BI's wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Enum)]
+#[graphql(remote = "crate::query::Granularity")]
+pub enum Granularity {
+    Hour,
+    Day,
+    Week,
+    Month,
+    Quarter,
+    Year,
 }
 
 /// Both ends included, as `YYYY-MM-DD`.
@@ -158,14 +226,38 @@ impl QueryRoot {
             return Err(ResolverError::from(AccessError::Unauthenticated(err.clone())).extend());
         }
         let catalog = shared.catalog.get();
-        let query = AggregateQuery::parse(
+        let query = AggregateQuery::parse_with(
             RawAggregate {
                 customer: &input.customer,
                 from: &input.date_range.from,
                 to: &input.date_range.to,
                 measures: &input.measures,
                 dimensions: input.dimensions.as_deref().unwrap_or_default(),
-                granularity: input.granularity,
+                granularity: input.granularity.map(Into::into),
+            },
+            RawOptions {
+                filters: input
+                    .filters
+                    .iter()
+                    .flatten()
+                    .map(|f| RawFilter {
+                        member: &f.member,
+                        operator: f.operator.into(),
+                        values: f.values.as_deref().unwrap_or_default(),
+                    })
+                    .collect(),
+                order: input
+                    .order
+                    .iter()
+                    .flatten()
+                    .map(|o| RawOrder {
+                        member: &o.member,
+                        direction: o.direction.into(),
+                    })
+                    .collect(),
+                limit: input.limit.map(i64::from),
+                offset: input.offset.map(i64::from),
+                timezone: input.timezone.as_deref(),
             },
             &shared.limits,
             catalog.as_deref(),
@@ -208,6 +300,7 @@ impl QueryRoot {
         Ok(AggregateResult {
             answer,
             key: planned.key.short().to_owned(),
+            limit: query.limit(),
         })
     }
 
@@ -230,6 +323,8 @@ impl QueryRoot {
 pub struct AggregateResult {
     answer: Answer,
     key: String,
+    /// The query's own limit (its `limit`, or BI_ROW_LIMIT).
+    limit: u32,
 }
 
 #[Object]
@@ -283,10 +378,12 @@ impl AggregateResult {
         self.answer.entry.rows.len()
     }
 
-    /// True when the BI returned as many rows as the row limit the gateway
-    /// sets: rows past it may have been dropped.
+    /// True when the BI returned as many rows as the query's limit (its
+    /// `limit`, or else BI_ROW_LIMIT): rows past it may have been dropped.
     async fn may_be_truncated(&self) -> bool {
-        self.answer.entry.may_be_truncated()
+        // The query's own limit, not the entry's: one entry answers one
+        // question, and its question's limit is what cut it.
+        self.answer.entry.rows.len() >= self.limit as usize
     }
 }
 
@@ -337,11 +434,13 @@ pub struct CatalogView(Arc<Catalog>);
 
 #[Object(name = "Catalog")]
 impl CatalogView {
+    /// With BI_CUBES_FILE, only the cubes it lists: the others cannot be asked.
     async fn cubes(&self) -> Vec<CubeView<'_>> {
         self.0
             .meta()
             .cubes
             .iter()
+            .filter(|cube| self.0.cubes().knows(&cube.name))
             .map(|cube| CubeView {
                 catalog: &self.0,
                 cube,
@@ -377,9 +476,9 @@ impl CubeView<'_> {
             .map(MemberView)
             .collect()
     }
-    /// Time dimensions (type `time`, and the gateway's `BI_TIME_DIMENSION`):
-    /// refused in `dimensions`. `dateRange` filters on the gateway's time
-    /// dimension and `granularity` buckets it.
+    /// Time dimensions (type `time`, and the cubes' mapped ones): refused in
+    /// `dimensions` and `filters`. `dateRange` filters on the time dimension
+    /// of the query's measures (`timeDimension`) and `granularity` buckets it.
     async fn time_dimensions(&self) -> Vec<MemberView<'_>> {
         self.cube
             .dimensions
@@ -387,6 +486,23 @@ impl CubeView<'_> {
             .filter(|d| self.catalog.is_time_dimension(&d.name))
             .map(MemberView)
             .collect()
+    }
+    /// The time dimension that `dateRange` and `granularity` apply to when
+    /// this cube's measures are asked (`null`: its measures cannot be asked).
+    async fn time_dimension(&self) -> Option<String> {
+        self.catalog
+            .cubes()
+            .get(&self.cube.name)
+            .and_then(|members| members.time_dimension)
+            .map(|member| member.as_str().to_owned())
+    }
+    /// Whether the cube holds customers' data: every query that touches it
+    /// carries the gateway's filter on its customer member.
+    async fn tenant_scoped(&self) -> bool {
+        self.catalog
+            .cubes()
+            .get(&self.cube.name)
+            .is_some_and(|members| members.customer_member.is_some())
     }
 }
 

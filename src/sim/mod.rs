@@ -1,19 +1,23 @@
 //! bi-sim: a simulated Cube-compatible BI platform with deterministic data.
 //!
 //! It serves the `bi` protocol (`POST /load`, single and data-blending
-//! queries, and `GET /meta`) under any path prefix, for one `Sales` cube,
-//! after a configurable latency, and counts every call it receives so tests
-//! can prove what the gateway did (or did not) send. Control routes under
-//! `/_sim/` read the counters, reset them, inject faults and move the data
-//! to another version (new numbers, as if orders came in).
+//! queries, and `GET /meta`) under any path prefix, for a `Sales` and a
+//! `Returns` cube, after a configurable latency, and counts every call it
+//! receives so tests can prove what the gateway did (or did not) send.
+//! Control routes under `/_sim/` read the counters, reset them, inject
+//! faults and move the data to another version (new numbers, as if orders
+//! came in). With a secret, it checks the security context of every token as a
+//! tenant-enforcing Cube would.
 //!
 //! The same simulator runs as the `bi-sim` binary and embedded in the gateway
 //! on a loopback port; either way it is reached over real HTTP, so the
 //! gateway's BI client is exercised exactly as against real Cube.
 //!
 //! Layout:
-//! - `schema`: the `Sales` cube's members and the `/meta` answer;
-//! - `data`: the deterministic facts and query evaluation, blending rules included;
+//! - `schema`: the cubes' members and the `/meta` answer;
+//! - `data`: the deterministic facts and query evaluation (filters, order,
+//!   limit and offset, timezones, hours), blending rules included;
+//! - `security`: the check of minted tokens' security contexts;
 //! - `faults`: fault injection state;
 //! - `server`: the HTTP routes.
 //!
@@ -23,17 +27,22 @@
 mod data;
 mod faults;
 mod schema;
+mod security;
 mod server;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
 
 use crate::bi::protocol::CubeQuery;
 pub use data::{answer, answer_at};
 use faults::{Fault, Faults, FaultsUpdate};
+/// The simulator's `GET /meta` answer: its cubes and their typed members.
+pub use schema::meta;
+pub use security::SimSecurity;
 
 /// How the simulator behaves before any fault is injected.
 #[derive(Debug, Clone)]
@@ -41,6 +50,9 @@ pub struct SimConfig {
     /// How long every `/load` answer takes: the slowness the gateway's cache
     /// and coalescing exist to hide.
     pub latency: Duration,
+    /// Set: every `/load` must carry a token signed with this secret whose
+    /// security context names the customer every query is filtered on.
+    pub security: Option<SimSecurity>,
 }
 
 /// Shared state: counters + fault injection. Cheap to clone (Arc inside).
@@ -61,6 +73,8 @@ struct Shared {
 struct State {
     stats: SimStats,
     faults: Faults,
+    /// (customer, SHA-256 of the token) of every token that passed the check.
+    tokens: BTreeSet<(String, String)>,
 }
 
 /// The body of `POST /_sim/data-version`, and its answer.
@@ -92,15 +106,30 @@ pub struct SimStats {
     /// The version of the data `/load` answers from (0 at start and after a
     /// reset): each version has its own deterministic numbers.
     pub data_version: u64,
+    /// In the security-context mode: how many different tokens each
+    /// customer's requests carried.
+    #[serde(default)]
+    pub tokens_by_customer: BTreeMap<String, u64>,
+    /// In the security-context mode: the claims of the last accepted token.
+    #[serde(default)]
+    pub last_security_context: Option<serde_json::Value>,
+    /// In the security-context mode: requests refused for their token.
+    #[serde(default)]
+    pub security_rejections: u64,
 }
 
 /// The key under which [`SimStats::by_query`] counts `query`: its JSON with
-/// measures and dimensions sorted, so that queries which differ only in
-/// member order, and so ask the same question, count together.
+/// measures, dimensions, filters and their values sorted, so that queries
+/// which differ only in those orders, and so ask the same question, count
+/// together.
 pub fn canonical_key(query: &CubeQuery) -> String {
     let mut query = query.clone();
     query.measures.sort_unstable();
     query.dimensions.sort_unstable();
+    for filter in &mut query.filters {
+        filter.values.sort_unstable();
+    }
+    query.filters.sort_unstable();
     // Serializing plain structs of strings cannot fail; should it ever, the
     // Debug form still tells queries apart.
     serde_json::to_string(&query).unwrap_or_else(|_| format!("{query:?}"))
@@ -111,6 +140,7 @@ impl Simulator {
         let state = State {
             stats: SimStats::default(),
             faults: Faults::new(config.latency),
+            tokens: BTreeSet::new(),
         };
         Simulator {
             shared: Arc::new(Shared {
@@ -167,6 +197,42 @@ impl Simulator {
         stats.data_version
     }
 
+    /// In the security-context mode, checks the request's token against its
+    /// queries and records the outcome; `Err` is the refusal's message.
+    fn check_security(
+        &self,
+        authorization: Option<&str>,
+        queries: &[CubeQuery],
+    ) -> Result<(), String> {
+        let Some(security) = &self.shared.config.security else {
+            return Ok(());
+        };
+        let checked = security.check(authorization, queries);
+        let mut state = self.lock();
+        match checked {
+            Ok(context) => {
+                let token = authorization.unwrap_or_default();
+                let digest: String = sha2::Sha256::digest(token.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                if state.tokens.insert((context.customer.clone(), digest)) {
+                    *state
+                        .stats
+                        .tokens_by_customer
+                        .entry(context.customer)
+                        .or_default() += 1;
+                }
+                state.stats.last_security_context = Some(context.claims);
+                Ok(())
+            }
+            Err(refusal) => {
+                state.stats.security_rejections += 1;
+                Err(refusal)
+            }
+        }
+    }
+
     fn record_meta(&self) {
         self.lock().stats.meta_requests += 1;
     }
@@ -195,6 +261,7 @@ impl Simulator {
         let mut state = self.lock();
         state.stats = SimStats::default();
         state.faults = Faults::new(self.shared.config.latency);
+        state.tokens.clear();
     }
 }
 

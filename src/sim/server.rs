@@ -130,17 +130,26 @@ async fn load(sim: &Simulator, headers: &HeaderMap, body: &[u8]) -> Response {
         Ok(LoadRequest::Multi { query, .. }) => query.as_slice(),
         Err(_) => &[],
     };
-    let version = sim.record_load(
-        queries,
-        header_text(&header::AUTHORIZATION),
-        header_text(&TRACEPARENT),
-    );
+    let authorization = header_text(&header::AUTHORIZATION);
+    let version = sim.record_load(queries, authorization.clone(), header_text(&TRACEPARENT));
+    // As Cube's auth middleware: before any work, and never echoing the token.
+    let checked = match &request {
+        Ok(_) => sim.check_security(authorization.as_deref(), queries),
+        Err(_) => Ok(()),
+    };
     // An unreadable body is refused at once and consumes no fault: faults are
     // aimed at the gateway's real queries.
     let request = match request {
         Ok(request) => request,
         Err(e) => return ApiError::bad_request(format!("invalid /load body: {e}")).into_response(),
     };
+    if let Err(refusal) = checked {
+        return ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: refusal,
+        }
+        .into_response();
+    }
 
     let (fault, latency) = sim.next_fault();
     match fault {
@@ -249,18 +258,23 @@ mod tests {
 
     use serde_json::Value;
 
-    use super::super::{SimConfig, SimStats, canonical_key, data, serve};
+    use super::super::{SimConfig, SimSecurity, SimStats, canonical_key, data, serve};
     use super::*;
 
     /// A simulator without latency on a loopback port; it stops when the
     /// test's runtime does.
     async fn start() -> (String, Simulator) {
+        start_with(None).await
+    }
+
+    async fn start_with(security: Option<SimSecurity>) -> (String, Simulator) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a free loopback port");
         let address = listener.local_addr().expect("a bound address");
         let sim = Simulator::new(SimConfig {
             latency: Duration::ZERO,
+            security,
         });
         tokio::spawn(serve(listener, sim.clone(), std::future::pending()));
         (format!("http://{address}"), sim)
@@ -331,7 +345,7 @@ mod tests {
                     "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned()
                 ),
                 max_batch_size: 1,
-                data_version: 0,
+                ..SimStats::default()
             }
         );
         let served: SimStats = reqwest::get(format!("{base}/_sim/stats"))
@@ -475,5 +489,109 @@ mod tests {
                 .is_some_and(|e| e.contains("Sales.profit"))
         );
         assert_eq!(sim.stats().http_requests, 2);
+    }
+
+    /// In the security-context mode, a request passes only with a token
+    /// signed with the secret, unexpired, whose claim names the customer
+    /// that every tenant cube of every query is filtered on; a refusal is
+    /// 403 and never echoes the token.
+    #[tokio::test]
+    async fn the_security_context_mode_checks_tokens_against_the_queries() {
+        let secret = "sim-secret";
+        let (base, sim) = start_with(Some(SimSecurity {
+            secret: secret.into(),
+            claim: "tenant".into(),
+        }))
+        .await;
+        let url = format!("{base}/load");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let sign = |claims: Value, key: &str| {
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(key.as_bytes()),
+            )
+            .expect("signed")
+        };
+        let scoped = |customers: &[(&str, &str)]| {
+            let mut q = query(Some("day"));
+            q["filters"] = json!(
+                customers
+                    .iter()
+                    .map(|(member, customer)| json!({"member": member, "operator": "equals", "values": [customer]}))
+                    .collect::<Vec<_>>()
+            );
+            q
+        };
+        let send = |token: Option<String>, query: Value| {
+            let url = url.clone();
+            async move {
+                let mut request = reqwest::Client::new()
+                    .post(&url)
+                    .json(&json!({"query": query}));
+                if let Some(token) = token {
+                    request = request.header("authorization", token);
+                }
+                let response = request.send().await.expect("an answer");
+                let status = response.status().as_u16();
+                (status, response.text().await.expect("a body"))
+            }
+        };
+        let acme = sign(
+            json!({"tenant": "acme", "iat": now, "exp": now + 60}),
+            secret,
+        );
+        let acme_q = scoped(&[("Sales.customerId", "acme")]);
+
+        assert_eq!(send(Some(acme.clone()), acme_q.clone()).await.0, 200);
+        assert_eq!(
+            send(Some(format!("Bearer {acme}")), acme_q.clone()).await.0,
+            200
+        );
+        // A query joining Returns must carry its tenant filter too.
+        let mut joined = acme_q.clone();
+        joined["dimensions"] = json!(["Returns.product"]);
+        assert_eq!(send(Some(acme.clone()), joined.clone()).await.0, 403);
+        let mut both = scoped(&[("Sales.customerId", "acme"), ("Returns.tenantId", "acme")]);
+        both["dimensions"] = json!(["Returns.product"]);
+        assert_eq!(send(Some(acme.clone()), both).await.0, 200);
+
+        let refused = [
+            (None, acme_q.clone()),
+            (
+                Some(sign(json!({"tenant": "acme", "exp": now + 60}), "other")),
+                acme_q.clone(),
+            ),
+            (
+                Some(sign(json!({"tenant": "acme", "exp": now - 120}), secret)),
+                acme_q.clone(),
+            ),
+            (Some(sign(json!({"exp": now + 60}), secret)), acme_q.clone()),
+            (
+                Some(sign(
+                    json!({"tenant": ["acme", "globex"], "exp": now + 60}),
+                    secret,
+                )),
+                acme_q.clone(),
+            ),
+            (
+                Some(acme.clone()),
+                scoped(&[("Sales.customerId", "globex")]),
+            ),
+            (Some(acme.clone()), query(Some("day"))),
+        ];
+        for (i, (token, q)) in refused.into_iter().enumerate() {
+            let (status, body) = send(token.clone(), q).await;
+            assert_eq!(status, 403, "case {i}: {body}");
+            if let Some(token) = token {
+                assert!(!body.contains(&token), "case {i} echoes the token");
+            }
+        }
+        let stats = sim.stats();
+        assert_eq!(stats.security_rejections, 8);
+        assert_eq!(stats.tokens_by_customer, [("acme".to_owned(), 2)].into());
     }
 }

@@ -67,7 +67,7 @@ async fn every_rule_is_bad_user_input_and_costs_no_bi_query() {
         ("blank customer", "customer", json!("   ")),
         ("too-long customer", "customer", json!(long_customer)),
         ("control character in customer", "customer", json!("acme\u{0}globex")),
-        ("granularity HOUR", "granularity", json!("HOUR")),
+        ("granularity MINUTE", "granularity", json!("MINUTE")),
         ("lower-case granularity", "granularity", json!("day")),
         ("missing measures", "measures", Value::Null),
         ("missing customer", "customer", Value::Null),

@@ -1,15 +1,15 @@
 //! The names of everything the gateway keeps in Redis, built in one place.
 //!
-//! `{ns}:v2:{<hash>}:value`, `{ns}:v2:{<hash>}:error`, `{ns}:v2:{<hash>}:lock`, channel
-//! `{ns}:v2:{<hash>}:done`, `{ns}:v2:bi-cooldown`,
-//! `{ns}:v2:count:<name>:<window>`, `{ns}:v2:probe:<instance>`. The hash tag keeps a key's value, lock
+//! `{ns}:v3:{<hash>}:value`, `{ns}:v3:{<hash>}:error`, `{ns}:v3:{<hash>}:lock`, channel
+//! `{ns}:v3:{<hash>}:done`, `{ns}:v3:bi-cooldown`,
+//! `{ns}:v3:count:<name>:<window>`, `{ns}:v3:probe:<instance>`. The hash tag keeps a key's value, lock
 //! and channel in one cluster slot. The version changes whenever what a key
 //! holds does, so gateways of two versions never read each other's entries.
 
 use crate::query::CacheKey;
 
 /// The layout version: bumped when an entry's encoding or the lock protocol changes.
-const VERSION: &str = "v2";
+const VERSION: &str = "v3";
 
 #[derive(Debug, Clone)]
 pub(super) struct KeyLayout {
@@ -29,6 +29,11 @@ impl KeyLayout {
             db,
             sharded,
         }
+    }
+
+    /// A Redis Cluster's layout (sharded channels, no keyspace notifications).
+    pub(super) fn sharded(&self) -> bool {
+        self.sharded
     }
 
     /// The command that publishes on this layout's channels.
@@ -123,10 +128,10 @@ mod tests {
     #[test]
     fn channel_names_lead_back_to_their_key() {
         assert_eq!(
-            hash_of_channel("__keyspace@0__:ag:v2:{abc123}:lock"),
+            hash_of_channel("__keyspace@0__:ag:v3:{abc123}:lock"),
             Some("abc123")
         );
-        assert_eq!(hash_of_channel("ag:v2:{abc123}:done"), Some("abc123"));
+        assert_eq!(hash_of_channel("ag:v3:{abc123}:done"), Some("abc123"));
         assert_eq!(hash_of_channel("nothing here"), None);
         let sharded = KeyLayout::new("ag", 0, true);
         let key = crate::query::CacheKey::for_tests("abc");

@@ -199,8 +199,19 @@ impl RedisCoordinator {
         self.copies.found_error(key, payload, pttl)
     }
 
-    fn settled(&self, key: &CacheKey, message: &[u8]) -> Option<Cached> {
-        self.copies.settled(key, message)
+    /// Reads a settle's `done` message (what it stored, for how long).
+    fn settled(
+        &self,
+        key: &CacheKey,
+        message: &[u8],
+        replaced: impl Fn(&[u8]) -> bool,
+    ) -> Option<Cached> {
+        let settled = scripts::parse_settled(message)?;
+        match settled.settling {
+            Settling::Value if replaced(settled.payload) => None,
+            Settling::Value => self.found_value(key, settled.payload, settled.pttl),
+            Settling::Error => self.found_error(key, settled.payload, settled.pttl),
+        }
     }
 
     /// Writes a producer's answer or error with the settle script, retried
@@ -462,7 +473,10 @@ impl Coordinator for RedisCoordinator {
         decisions
     }
 
-    async fn wait(&self, key: &CacheKey, deadline: &Deadline) -> Waited {
+    async fn wait(&self, key: &CacheKey, replaces: Option<&str>, deadline: &Deadline) -> Waited {
+        // The entry being replaced is still there until its producer's
+        // settle: it is no answer (an evicted entry must never be served).
+        let replaced = |payload: &[u8]| replaces.is_some_and(|id| store::is_entry(payload, id));
         let span = tracing::info_span!("coalesce.wait", cache.key = key.short(), outcome = Empty);
         let waited = async {
             let timed_out = || {
@@ -493,7 +507,7 @@ impl Coordinator for RedisCoordinator {
                 // The settle's own message carries the answer: no look needed.
                 if let Some(cached) = watch
                     .settled()
-                    .and_then(|message| self.settled(key, &message))
+                    .and_then(|message| self.settled(key, &message, replaced))
                 {
                     return Waited::Settled(cached);
                 }
@@ -506,19 +520,19 @@ impl Coordinator for RedisCoordinator {
                     .persist("wait", deadline.get(), || self.link.pipe::<Look>(&look))
                     .await
                 {
-                    Ok((Some(payload), pttl, _, _, _)) => {
+                    Ok((Some(payload), pttl, _, _, _)) if !replaced(&payload) => {
                         if let Some(cached) = self.found_value(key, &payload, pttl) {
                             return Waited::Settled(cached);
                         }
                         return Waited::HolderGone;
                     }
-                    Ok((None, _, Some(payload), pttl, _)) => {
+                    Ok((_, _, Some(payload), pttl, _)) => {
                         if let Some(cached) = self.found_error(key, &payload, pttl) {
                             return Waited::Settled(cached);
                         }
                         return Waited::HolderGone;
                     }
-                    Ok((None, _, None, _, lock_pttl)) => {
+                    Ok((_, _, None, _, lock_pttl)) => {
                         match scripts::time_left(lock_pttl, self.settings.lock_ttl) {
                             None => return Waited::HolderGone,
                             Some(left) => left,
@@ -532,7 +546,12 @@ impl Coordinator for RedisCoordinator {
                 // Bounded by the lock's own time: if its holder died, the
                 // lock expires and the next look finds it gone.
                 let mut bound = lock_left + WAIT_MARGIN;
-                if !keyspace || !self.subscriptions.is_connected() {
+                // Told of everything but a dead holder, whose lock's expiry
+                // is the bound: keyspace notifications, or a cluster's
+                // sharded `done` channel (which a release also uses). Else
+                // poll.
+                let told = keyspace || self.layout.sharded();
+                if !told || !self.subscriptions.is_connected() {
                     bound = bound.min(poll.next());
                 }
                 let started = std::time::Instant::now();
@@ -775,7 +794,7 @@ async fn follow_invalidations_once(link: &Link, layout: &KeyLayout, invalidation
     let Ok(Some(latest)) = link.query::<Option<u64>>(&sequence).await else {
         return;
     };
-    if latest <= invalidations.current() {
+    if !invalidations.needs_sync(latest) {
         return;
     }
     let all = redis::cmd("HGETALL").arg(layout.invalidations()).to_owned();
@@ -800,5 +819,5 @@ async fn follow_invalidations_once(link: &Link, layout: &KeyLayout, invalidation
             _ => {}
         }
     }
-    invalidations.merge(scopes, newest);
+    invalidations.merge(scopes, newest, latest);
 }

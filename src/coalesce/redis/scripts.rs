@@ -91,15 +91,25 @@ return 2
 /// Records one invalidation: the next generation of the sequence `KEYS[1]`,
 /// for the scope field `ARGV[1]` (`stale|<scope>`) and, for an eviction,
 /// `ARGV[2]` (`evict|<scope>`) in the hash `KEYS[2]`; announces it on
-/// `ARGV[3]` with `ARGV[4]` (`publish` or `spublish`). Atomic, so that whoever reads the sequence and then the hash
-/// finds every generation up to the one read.
+/// `ARGV[3]` with `ARGV[4]` (`publish` or `spublish`). Atomic, so that
+/// whoever reads the sequence and then the hash finds every generation up to
+/// the one read. A generation is never below Redis's clock in milliseconds:
+/// after Redis lost the sequence (a restart, a flush) the next one is still
+/// above every generation the instances know.
 const INVALIDATE: &str = r"
+local time = redis.call('time')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local generation = redis.call('incr', KEYS[1])
-redis.call('hset', KEYS[2], ARGV[1], generation)
-if ARGV[2] ~= '' then
-  redis.call('hset', KEYS[2], ARGV[2], generation)
+if generation < now then
+  generation = now
+  redis.call('set', KEYS[1], string.format('%d', generation))
 end
-redis.call(ARGV[4], ARGV[3], generation)
+local text = string.format('%d', generation)
+redis.call('hset', KEYS[2], ARGV[1], text)
+if ARGV[2] ~= '' then
+  redis.call('hset', KEYS[2], ARGV[2], text)
+end
+redis.call(ARGV[4], ARGV[3], text)
 return generation
 ";
 
@@ -113,6 +123,19 @@ return 0
 
 /// Deletes `KEYS[1]` only while it holds `ARGV[1]`: a lock while it holds
 /// our token, a value while it is the one we read.
+/// Releases the lock `KEYS[1]` while it holds token `ARGV[1]`, and says so
+/// on the key's `done` channel `ARGV[2]` (with `ARGV[3]`, `publish` or
+/// `spublish`): its waiters look again at once instead of at the lock's
+/// expiry (where no keyspace notification tells them, as in a cluster).
+const RELEASE: &str = r"
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('del', KEYS[1])
+  redis.call(ARGV[3], ARGV[2], 'released')
+  return 1
+end
+return 0
+";
+
 const DELETE_IF: &str = r"
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('del', KEYS[1])
@@ -284,7 +307,15 @@ pub(super) fn parse_settle_reply(reply: i64) -> SettleReply {
 }
 
 pub(super) fn release(layout: &KeyLayout, key: &CacheKey, token: &str) -> Cmd {
-    eval(DELETE_IF, &[&layout.lock(key)], &[token.as_bytes()])
+    eval(
+        RELEASE,
+        &[&layout.lock(key)],
+        &[
+            token.as_bytes(),
+            layout.done_channel(key).as_bytes(),
+            layout.publish_command().as_bytes(),
+        ],
+    )
 }
 
 pub(super) fn invalidate(layout: &KeyLayout, scope_field: &str, evict: bool) -> Cmd {

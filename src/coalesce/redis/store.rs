@@ -21,6 +21,11 @@ pub(super) fn encode_error(error: &AnswerError) -> Vec<u8> {
     serde_json::to_vec(error).unwrap_or_default()
 }
 
+/// Whether the value `bytes` is the entry with this `id`.
+pub(super) fn is_entry(bytes: &[u8], id: &str) -> bool {
+    bytes.get(..ENTRY_ID_LEN) == Some(id.as_bytes())
+}
+
 /// Why a stored answer could not be read.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum Unreadable {

@@ -16,8 +16,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use analytics_gateway::catalog::Catalog;
 use analytics_gateway::config::{Cli, Config};
-use analytics_gateway::query::{AggregateQuery, Granularity, Planner, RawAggregate};
+use analytics_gateway::query::{
+    AggregateQuery, FilterOperator, Granularity, OrderDirection, PlannedQuery, Planner,
+    RawAggregate, RawFilter, RawOptions, RawOrder,
+};
 use analytics_gateway::sim::{self, SimConfig, SimStats, Simulator};
 use clap::CommandFactory;
 use futures_util::future::join_all;
@@ -88,11 +92,20 @@ pub struct Sim {
 
 impl Sim {
     pub async fn start(latency: Duration) -> Sim {
+        Sim::start_with(SimConfig {
+            latency,
+            security: None,
+        })
+        .await
+    }
+
+    /// A simulated BI configured by hand (its security-context mode, ...).
+    pub async fn start_with(config: SimConfig) -> Sim {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("a free loopback port for bi-sim");
         let address = listener.local_addr().expect("bi-sim's bound address");
-        let simulator = Simulator::new(SimConfig { latency });
+        let simulator = Simulator::new(config);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(sim::serve(listener, simulator.clone(), async move {
             // Either a send or the sender's drop stops the server.
@@ -519,6 +532,9 @@ pub struct TestOptions {
     pub instance_env: Vec<(usize, String, String)>,
     /// Which Redis the gateways share, if any.
     pub redis: RedisTarget,
+    /// bi-sim's security-context mode: the API secret tokens must be
+    /// signed with (the claim is the gateway's default, `customerId`).
+    pub sim_secret: Option<String>,
 }
 
 /// The Redis a [`TestEnv`]'s gateways are pointed at (`REDIS_URL`).
@@ -547,6 +563,7 @@ impl Default for TestOptions {
             extra_env: Vec::new(),
             instance_env: Vec::new(),
             redis: RedisTarget::None,
+            sim_secret: None,
         }
     }
 }
@@ -566,6 +583,12 @@ impl TestOptions {
     pub fn instance_env(mut self, instance: usize, name: &str, value: impl ToString) -> Self {
         self.instance_env
             .push((instance, name.to_owned(), value.to_string()));
+        self
+    }
+
+    /// Makes bi-sim check every token's security context, signed with `secret`.
+    pub fn sim_secret(mut self, secret: &str) -> Self {
+        self.sim_secret = Some(secret.to_owned());
         self
     }
 
@@ -616,7 +639,14 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn start(options: TestOptions) -> TestEnv {
-        let sim = Sim::start(Duration::from_millis(options.latency_ms)).await;
+        let sim = Sim::start_with(SimConfig {
+            latency: Duration::from_millis(options.latency_ms),
+            security: options.sim_secret.map(|secret| sim::SimSecurity {
+                secret,
+                claim: "customerId".to_owned(),
+            }),
+        })
+        .await;
         let namespace = format!("it-{}", uuid::Uuid::new_v4().simple());
         let mut env = vec![
             ("GATEWAY_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
@@ -937,24 +967,38 @@ pub fn expected_rows(
 /// alone. The BI query is planned by the gateway's own [`Planner`] with the
 /// default settings, so the test does not re-implement planning.
 pub fn expected_rows_for(input: &Value) -> Value {
-    expected_rows_at(input, 0)
+    expected_rows_with(&Config::embedded_defaults(), input)
 }
 
-/// The rows bi-sim returns for the panel of this `input` variable asked
-/// alone at data `version`.
-pub fn expected_rows_at(input: &Value, version: u64) -> Value {
-    let strings = |field: &str| -> Vec<String> {
-        input[field]
+/// Like [`expected_rows_for`], for a gateway with `config` (a cubes file,
+/// minted tokens): filters, order, limit, offset and timezone included.
+pub fn expected_rows_with(config: &Config, input: &Value) -> Value {
+    expected_rows_at(config, input, 0)
+}
+
+/// Like [`expected_rows_with`], at bi-sim's data `version`.
+pub fn expected_rows_at(config: &Config, input: &Value, version: u64) -> Value {
+    let planned = plan_with(config, input);
+    let rows = sim::answer_at(&planned.cube, version).expect("bi-sim answers the planned query");
+    serde_json::to_value(rows).expect("rows are JSON")
+}
+
+/// The gateway's plan of the panel of this `input` variable, as a gateway
+/// with `config` and a known catalog (bi-sim's) makes it.
+pub fn plan_with(config: &Config, input: &Value) -> PlannedQuery {
+    let strings = |value: &Value| -> Vec<String> {
+        value
             .as_array()
             .map(|values| {
                 values
                     .iter()
-                    .map(|v| v.as_str().expect("member names are strings").to_owned())
+                    .map(|v| v.as_str().expect("strings").to_owned())
                     .collect()
             })
             .unwrap_or_default()
     };
     let granularity = input["granularity"].as_str().map(|g| match g {
+        "HOUR" => Granularity::Hour,
         "DAY" => Granularity::Day,
         "WEEK" => Granularity::Week,
         "MONTH" => Granularity::Month,
@@ -962,9 +1006,29 @@ pub fn expected_rows_at(input: &Value, version: u64) -> Value {
         "YEAR" => Granularity::Year,
         other => panic!("no expected rows for granularity {other}"),
     });
-    let (measures, dimensions) = (strings("measures"), strings("dimensions"));
-    let config = Config::embedded_defaults();
-    let query = AggregateQuery::parse(
+    let operator = |name: &str| match name {
+        "EQUALS" => FilterOperator::Equals,
+        "NOT_EQUALS" => FilterOperator::NotEquals,
+        "CONTAINS" => FilterOperator::Contains,
+        "NOT_CONTAINS" => FilterOperator::NotContains,
+        "STARTS_WITH" => FilterOperator::StartsWith,
+        "ENDS_WITH" => FilterOperator::EndsWith,
+        "GT" => FilterOperator::Gt,
+        "GTE" => FilterOperator::Gte,
+        "LT" => FilterOperator::Lt,
+        "LTE" => FilterOperator::Lte,
+        "SET" => FilterOperator::Set,
+        "NOT_SET" => FilterOperator::NotSet,
+        other => panic!("no operator {other}"),
+    };
+    let (measures, dimensions) = (strings(&input["measures"]), strings(&input["dimensions"]));
+    let no_filters = Vec::new();
+    let filters = input["filters"].as_array().unwrap_or(&no_filters);
+    let filter_values: Vec<Vec<String>> = filters.iter().map(|f| strings(&f["values"])).collect();
+    let no_order = Vec::new();
+    let order = input["order"].as_array().unwrap_or(&no_order);
+    let catalog = Catalog::new(sim::meta(), std::sync::Arc::clone(&config.query.cubes));
+    let query = AggregateQuery::parse_with(
         RawAggregate {
             customer: input["customer"].as_str().expect("a customer"),
             from: input["dateRange"]["from"].as_str().expect("dateRange.from"),
@@ -973,13 +1037,106 @@ pub fn expected_rows_at(input: &Value, version: u64) -> Value {
             dimensions: &dimensions,
             granularity,
         },
+        RawOptions {
+            filters: filters
+                .iter()
+                .zip(&filter_values)
+                .map(|(f, values)| RawFilter {
+                    member: f["member"].as_str().expect("a filter member"),
+                    operator: operator(f["operator"].as_str().expect("an operator")),
+                    values,
+                })
+                .collect(),
+            order: order
+                .iter()
+                .map(|o| RawOrder {
+                    member: o["member"].as_str().expect("an order member"),
+                    direction: match o["direction"].as_str() {
+                        Some("DESC") => OrderDirection::Desc,
+                        _ => OrderDirection::Asc,
+                    },
+                })
+                .collect(),
+            limit: input["limit"].as_i64(),
+            offset: input["offset"].as_i64(),
+            timezone: input["timezone"].as_str(),
+        },
         &config.query,
-        None,
+        Some(&catalog),
     )
     .expect("expected rows are computed for valid inputs only");
-    let planned = Planner::new(config.planner, "expected-rows").plan(&query);
-    let rows = sim::answer_at(&planned.cube, version).expect("bi-sim answers the planned query");
-    serde_json::to_value(rows).expect("rows are JSON")
+    Planner::new(config.planner.clone(), "expected-rows").plan(&query)
+}
+
+/// Runs the gateway binary with `env` (on a clean environment) until it
+/// exits by itself, as a start-up that must fail does: its status and output.
+pub async fn run_to_exit(env: &[(String, String)]) -> (ExitStatus, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_analytics-gateway"));
+    for arg in Cli::command().get_arguments() {
+        if let Some(variable) = arg.get_env() {
+            command.env_remove(variable);
+        }
+    }
+    command
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("the gateway binary starts");
+    let deadline = std::time::Instant::now() + START_TIMEOUT;
+    // A start-up error is a line or two: the pipes never fill meanwhile.
+    while child
+        .try_wait()
+        .expect("the child can be waited on")
+        .is_none()
+    {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("the killed child's output");
+            panic!(
+                "the gateway did not exit within {START_TIMEOUT:?}; its output:\n{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let output = child.wait_with_output().expect("the child's output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status, text)
+}
+
+/// Another spelling of the same question (`variant` picks which): the
+/// filters in another order, a filter's values in another order, the
+/// timezone in lower case, the default offset spelt out. The gateway must
+/// give every spelling the same entry.
+pub fn respelt(input: &Value, variant: usize) -> Value {
+    let mut input = input.clone();
+    if let Some(filters) = input["filters"].as_array_mut() {
+        if variant % 2 == 1 {
+            filters.reverse();
+        }
+        if variant % 3 == 1 {
+            for filter in filters.iter_mut() {
+                if let Some(values) = filter["values"].as_array_mut() {
+                    values.reverse();
+                }
+            }
+        }
+    }
+    if variant % 4 >= 2
+        && let Some(timezone) = input["timezone"].as_str()
+    {
+        input["timezone"] = json!(timezone.to_ascii_lowercase());
+    }
+    if variant % 5 == 3 && input.get("offset").is_none() {
+        input["offset"] = json!(0);
+    }
+    input
 }
 
 /// How many answers of a stampede had each `cache.status`.

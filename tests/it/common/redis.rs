@@ -13,8 +13,8 @@ use redis::aio::MultiplexedConnection;
 
 use super::{Output, TestEnv, drain, output_text, within};
 
-/// The version part of every Redis key the gateway writes (`{ns}:v2:...`).
-pub const LAYOUT: &str = "v2";
+/// The version part of every Redis key the gateway writes (`{ns}:v3:...`).
+pub const LAYOUT: &str = "v3";
 
 /// Longest a `redis-server` may take to answer its first PING.
 const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -213,7 +213,7 @@ impl TestEnv {
         redis_connection(url).await
     }
 
-    /// The env's Redis keys `{ns}:v2:*:{suffix}` (`value`, `lock`), sorted.
+    /// The env's Redis keys `{ns}:v3:*:{suffix}` (`value`, `lock`), sorted.
     pub async fn redis_keys(&self, suffix: &str) -> Vec<String> {
         let mut conn = self.redis().await;
         let pattern = format!("{}:{LAYOUT}:*:{suffix}", self.namespace);

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use analytics_gateway::config::Config;
-use analytics_gateway::query::{AggregateQuery, Granularity, Planner, RawAggregate};
+use analytics_gateway::cubes::CubeMap;
+use analytics_gateway::query::{AggregateQuery, Granularity, Member, Planner, RawAggregate};
 use analytics_gateway::sim;
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -183,7 +184,11 @@ async fn another_tenants_token_is_forbidden_while_in_flight_and_cached() {
 /// `customer_member` (`BI_CUSTOMER_MEMBER`).
 fn rows_filtered_on(customer_member: &str, customer: &str) -> Value {
     let mut config = Config::embedded_defaults();
-    config.planner.customer_member = customer_member.to_owned();
+    let member = |name: &str| Member::parse(name).expect("a member");
+    config.query.cubes = std::sync::Arc::new(CubeMap::uniform(
+        member("Sales.date"),
+        member(customer_member),
+    ));
     let measures: Vec<String> = MEASURES.iter().map(|m| (*m).to_owned()).collect();
     let query = AggregateQuery::parse(
         RawAggregate {
