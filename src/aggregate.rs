@@ -109,6 +109,8 @@ pub enum RefreshTrigger {
     Ahead,
     /// A read found the entry invalidated.
     Invalidation,
+    /// A live panel's interval is over.
+    Live,
 }
 
 impl RefreshTrigger {
@@ -117,6 +119,7 @@ impl RefreshTrigger {
             RefreshTrigger::Stale => "stale",
             RefreshTrigger::Ahead => "ahead",
             RefreshTrigger::Invalidation => "invalidation",
+            RefreshTrigger::Live => "live",
         }
     }
 }
@@ -337,14 +340,14 @@ impl Aggregator {
         }
     }
 
-    fn take_ahead_budget(&self) -> bool {
+    fn take_ahead_budget(&self, trigger: RefreshTrigger) -> bool {
         let minute = crate::cache::unix_millis() / 60_000;
         let mut budget = self.ahead_budget.lock().unwrap_or_else(|p| p.into_inner());
         if budget.0 != minute {
             *budget = (minute, 0);
         }
         if budget.1 >= self.settings.refresh.ahead_per_minute {
-            metrics::counter!(names::REFRESHES, "trigger" => "ahead", "outcome" => "over_budget")
+            metrics::counter!(names::REFRESHES, "trigger" => trigger.label(), "outcome" => "over_budget")
                 .increment(1);
             return false;
         }
@@ -352,10 +355,28 @@ impl Aggregator {
         true
     }
 
+    /// Refreshes `query`'s key for a live panel whose interval is over:
+    /// replacing the entry `replaces` (the one its subscribers have), or
+    /// producing it when there is none. The same protocol as every refresh,
+    /// so across instances only the holder of the key's lock calls the BI;
+    /// the others learn of its entry when it is stored.
+    pub fn refresh_live(self: &Arc<Self>, query: &PlannedQuery, replaces: Option<&str>) {
+        self.start_refresh(query, replaces, RefreshTrigger::Live);
+    }
+
     /// Starts one background refresh of `query`'s key, replacing `entry`,
     /// unless one is under way in this process or the last one failed
     /// moments ago. Across instances, the store's lock makes it one.
     fn refresh(self: &Arc<Self>, query: &PlannedQuery, entry: &Entry, trigger: RefreshTrigger) {
+        self.start_refresh(query, Some(&entry.id), trigger);
+    }
+
+    fn start_refresh(
+        self: &Arc<Self>,
+        query: &PlannedQuery,
+        replaces: Option<&str>,
+        trigger: RefreshTrigger,
+    ) {
         if self.refresh_failed.contains_key(&query.key) {
             return;
         }
@@ -364,8 +385,11 @@ impl Aggregator {
             return;
         };
         // Only a refresh that starts spends the budget (not the reads of a
-        // key whose refresh is already under way).
-        if trigger == RefreshTrigger::Ahead && !self.take_ahead_budget() {
+        // key whose refresh is already under way). A live panel's refresh is
+        // one ahead of any reader's need: it spends the same budget.
+        if matches!(trigger, RefreshTrigger::Ahead | RefreshTrigger::Live)
+            && !self.take_ahead_budget(trigger)
+        {
             return;
         }
         // Its own trace, linked from the request that caused it: a refresh
@@ -382,7 +406,7 @@ impl Aggregator {
         let pending = vec![Pending {
             query: query.clone(),
             flight: lead,
-            replaces: Some(entry.id.clone()),
+            replaces: replaces.map(str::to_owned),
             takeover: false,
             refresh: Some(trigger),
         }];

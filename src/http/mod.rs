@@ -8,6 +8,7 @@ use async_graphql::dataloader::DataLoader;
 use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::ExecutableDocument;
 use axum::body::Bytes;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -36,6 +37,7 @@ use tracing::Instrument;
 mod admin;
 mod body_limit;
 mod caching;
+mod live;
 mod media;
 mod persisted;
 
@@ -69,6 +71,8 @@ pub struct AppState {
     pub operations: OperationNames,
     /// The process's phase and the BI's last probe, for `/readyz`.
     pub readiness: Arc<Readiness>,
+    /// Live panels (the WebSocket transport reads its settings).
+    pub live: Arc<crate::live::Live>,
 }
 
 impl AppState {
@@ -272,8 +276,13 @@ fn csrf_check(state: &AppState, headers: &HeaderMap) -> Option<Response> {
 async fn graphql_get(
     State(state): State<AppState>,
     headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    // A GraphQL WebSocket (live panels) on the same path.
+    if let Ok(upgrade) = upgrade {
+        return live::upgrade(state, &headers, upgrade);
+    }
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())

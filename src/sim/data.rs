@@ -738,15 +738,7 @@ impl<'a> Line<'a> {
         // the simulator always had.
         let day_bytes = day.to_le_bytes();
         let version_bytes = version.to_le_bytes();
-        let coordinates: [&[u8]; 7] = [
-            parts[0],
-            &[0],
-            &day_bytes,
-            &[0],
-            parts[1],
-            &[0],
-            parts[2],
-        ];
+        let coordinates: [&[u8]; 7] = [parts[0], &[0], &day_bytes, &[0], parts[1], &[0], parts[2]];
         let versioned: &[&[u8]] = if version == 0 {
             &[]
         } else {

@@ -16,6 +16,7 @@ mod freshness_faults;
 mod graphql_http;
 mod http;
 mod introspection;
+mod live;
 mod metrics_docs;
 mod metrics_format;
 mod minted_tokens;

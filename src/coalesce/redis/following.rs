@@ -96,9 +96,12 @@ pub(super) struct RedisFollowing {
 impl RedisFollowing {
     /// A `done` message not handed out yet, if the watch has one.
     fn new_done(&self) -> Option<Arc<Vec<u8>>> {
-        self.watch
-            .settled()
-            .filter(|done| !self.last_done.as_ref().is_some_and(|last| Arc::ptr_eq(last, done)))
+        self.watch.settled().filter(|done| {
+            !self
+                .last_done
+                .as_ref()
+                .is_some_and(|last| Arc::ptr_eq(last, done))
+        })
     }
 
     /// `cached` unless it is the entry handed out last.
@@ -118,11 +121,7 @@ impl RedisFollowing {
         let value = self.layout.value(&self.key);
         let mut look = redis::pipe();
         look.get(&value).pttl(&value);
-        let (payload, pttl) = self
-            .link
-            .pipe::<(Option<Vec<u8>>, i64)>(&look)
-            .await
-            .ok()?;
+        let (payload, pttl) = self.link.pipe::<(Option<Vec<u8>>, i64)>(&look).await.ok()?;
         let payload = payload?;
         // The id leads the value: an entry seen already is not decoded again.
         let id = payload.get(..ENTRY_ID_LEN)?;

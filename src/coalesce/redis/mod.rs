@@ -398,7 +398,11 @@ impl RedisCoordinator {
 impl Coordinator for RedisCoordinator {
     fn peek(&self, key: &CacheKey) -> Option<Cached> {
         if !self.health().is_up() {
-            return self.copies.memory.get(key).or_else(|| self.copies.errors.get(key));
+            return self
+                .copies
+                .memory
+                .get(key)
+                .or_else(|| self.copies.errors.get(key));
         }
         // While Redis is up, a remembered error is read from Redis: a paid
         // answer may have replaced it there (a leader whose lock had gone).

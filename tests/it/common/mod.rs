@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod deployments;
+pub mod live;
 mod proxy;
 mod redis;
 pub use self::deployments::{RedisCluster, RedisSentinels, SENTINEL_MASTER};
