@@ -26,10 +26,10 @@ use futures_util::stream::BoxStream;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 
-use super::AppState;
+use super::{AppState, check_limits};
 use crate::auth::Identity;
 use crate::cache::unix_millis;
-use crate::graphql::{GatewaySchema, classify_request_errors};
+use crate::graphql::classify_request_errors;
 use crate::live::ConnectionSubscriptions;
 use crate::telemetry::names;
 
@@ -63,24 +63,32 @@ pub(super) fn upgrade(state: AppState, headers: &HeaderMap, ws: WebSocketUpgrade
         .on_upgrade(move |socket| serve(state, socket, protocol))
 }
 
-/// The schema, with every error of a subscription given its
-/// `extensions.code` as for HTTP.
+/// The schema behind the same document limits as HTTP's, with every error
+/// of a subscription given its `extensions.code` as for HTTP.
 #[derive(Clone)]
-struct LiveExecutor(GatewaySchema);
+struct LiveExecutor(AppState);
 
 impl Executor for LiveExecutor {
-    async fn execute(&self, request: async_graphql::Request) -> async_graphql::Response {
-        let mut response = self.0.execute(request).await;
+    async fn execute(&self, mut request: async_graphql::Request) -> async_graphql::Response {
+        if let Err(refused) = check_limits(&self.0, &mut request) {
+            return async_graphql::Response::from_errors(vec![refused]);
+        }
+        let mut response = self.0.schema.execute(request).await;
         classify_request_errors(&mut response);
         response
     }
 
     fn execute_stream(
         &self,
-        request: async_graphql::Request,
+        mut request: async_graphql::Request,
         session_data: Option<Arc<Data>>,
     ) -> BoxStream<'static, async_graphql::Response> {
+        if let Err(refused) = check_limits(&self.0, &mut request) {
+            let refused = async_graphql::Response::from_errors(vec![refused]);
+            return futures_util::stream::once(std::future::ready(refused)).boxed();
+        }
         self.0
+            .schema
             .execute_stream_with_session_data(request, session_data.unwrap_or_default())
             .map(|mut response| {
                 classify_request_errors(&mut response);
@@ -113,26 +121,25 @@ async fn serve(state: AppState, socket: WebSocket, protocol: Protocols) {
     let admission = Arc::new(Admission::default());
     let authenticator = state.authenticator.clone();
     let admitted = Arc::clone(&admission);
-    let mut protocol_stream =
-        GraphqlWebSocket::new(LiveExecutor(state.schema.clone()), input, protocol)
-            .on_connection_init(move |payload| async move {
-                let identity = match &authenticator {
-                    None => Identity::Open,
-                    Some(authenticator) => authenticator.identify(&credentials(&payload)),
-                };
-                if let Identity::Unauthenticated(err) = &identity {
-                    admitted.refused.store(true, Ordering::Relaxed);
-                    return Err(async_graphql::Error::new(err.to_string()));
-                }
-                *admitted
-                    .expires_at
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = identity.expires_at();
-                let mut data = Data::default();
-                data.insert(identity);
-                data.insert(ConnectionSubscriptions::default());
-                Ok(data)
-            });
+    let mut protocol_stream = GraphqlWebSocket::new(LiveExecutor(state.clone()), input, protocol)
+        .on_connection_init(move |payload| async move {
+            let identity = match &authenticator {
+                None => Identity::Open,
+                Some(authenticator) => authenticator.identify(&credentials(&payload)),
+            };
+            if let Identity::Unauthenticated(err) = &identity {
+                admitted.refused.store(true, Ordering::Relaxed);
+                return Err(async_graphql::Error::new(err.to_string()));
+            }
+            *admitted
+                .expires_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = identity.expires_at();
+            let mut data = Data::default();
+            data.insert(identity);
+            data.insert(ConnectionSubscriptions::default());
+            Ok(data)
+        });
     let send_timeout = state.live.settings().send_timeout;
     loop {
         let expires_at = *admission

@@ -439,3 +439,45 @@ async fn stalled_subscriber(
     // Never polled again: the gateway's sends pile up in the socket only.
     socket.into_inner()
 }
+
+/// Without Redis (one instance, the embedded coordinator) a live panel works
+/// the same way: the first event, nothing while the rows stay the same, then
+/// the changed rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_panel_without_redis_gets_its_changes() {
+    let env = TestEnv::start(
+        TestOptions::default()
+            .latency_ms(20)
+            .env("LIVE_MIN_INTERVAL_SECS", INTERVAL.as_secs()),
+    )
+    .await;
+    let panel = &panels()[0];
+    let mut connection = LiveConnection::connect(env.gateway(), json!({}))
+        .await
+        .expect("an open gateway admits everyone");
+    connection.subscribe("p", panel, None).await;
+    let first = connection.wait_for("p", 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        rows(&first[0]),
+        &expected_rows_at(&Config::embedded_defaults(), panel, 0)
+    );
+    tokio::time::sleep(INTERVAL * 3).await;
+    assert_eq!(connection.received("p").len(), 1, "no change, no event");
+    assert!(
+        (3..=5).contains(&env.sim.stats().queries),
+        "refreshed every interval: {} queries",
+        env.sim.stats().queries
+    );
+    env.sim.set_data_version(1).await;
+    let received = connection
+        .wait_for("p", 2, INTERVAL + Duration::from_secs(1))
+        .await;
+    assert_eq!(
+        rows(&received[1]),
+        &expected_rows_at(&Config::embedded_defaults(), panel, 1)
+    );
+    assert_eq!(
+        received[1].payload["data"]["aggregateLive"]["cache"]["status"],
+        "MISS"
+    );
+}
