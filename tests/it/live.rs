@@ -354,10 +354,12 @@ async fn subscriptions_past_the_limits_are_refused() {
 
 /// A subscriber that never reads: however many events its panels have, the
 /// gateway's memory stays bounded (each subscription keeps only its latest
-/// event; the socket's buffers are all that waits for the client).
+/// event; the socket's buffers are all that waits for the client), and its
+/// connection is closed once a send stayed blocked for
+/// LIVE_SEND_TIMEOUT_SECS, while a subscriber that reads is served on.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_subscriber_that_never_reads_holds_no_memory() {
-    let env = TestEnv::start(live_env().latency_ms(10)).await;
+    let env = TestEnv::start(live_env().latency_ms(10).env("LIVE_SEND_TIMEOUT_SECS", 3)).await;
     let gateway = env.gateway();
     // A big panel: a year of days by region and product.
     let big = input(
@@ -391,6 +393,28 @@ async fn a_subscriber_that_never_reads_holds_no_memory() {
     assert!(
         rss_after < rss_before + 32 * 1024,
         "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the stalled connection closed",
+        || async {
+            let text = gateway
+                .get("/metrics")
+                .await
+                .text()
+                .await
+                .expect("the metrics text");
+            crate::common::metric(
+                &text,
+                "analytics_gateway_live_connections_closed_total",
+                &[("reason", "slow_consumer")],
+            ) == Some(1.0)
+        },
+    )
+    .await;
+    assert!(
+        reader.closed().is_none(),
+        "the reading subscriber is served on"
     );
     drop(stalled);
 }
