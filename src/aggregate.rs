@@ -34,8 +34,8 @@ use crate::bi::protocol::CubeQuery;
 use crate::bi::{BiAnswer, BiClient, BiError, TokenScope};
 use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, Lifetime, unix_micros};
 use crate::coalesce::{
-    Coordinator, Decision, FlightLead, Flights, Invalidations, Joined, Lease, Origin, Resolved,
-    Verdict, Waited, Want,
+    Coordinator, Decision, FlightLead, FlightWatch, Flights, Invalidations, Joined, Lease, Origin,
+    Resolved, Verdict, Waited, Want,
 };
 use crate::query::{AnswerScope, CacheKey, Granularity, PlannedQuery};
 use crate::telemetry::{self, names};
@@ -360,8 +360,16 @@ impl Aggregator {
     /// producing it when there is none. The same protocol as every refresh,
     /// so across instances only the holder of the key's lock calls the BI;
     /// the others learn of its entry when it is stored.
-    pub fn refresh_live(self: &Arc<Self>, query: &PlannedQuery, replaces: Option<&str>) {
-        self.start_refresh(query, replaces, RefreshTrigger::Live);
+    ///
+    /// Returns the refresh's flight when this call started one: what it
+    /// stored (or found stored), or an error when it did not produce (another
+    /// instance holds the lock, the budget is spent, the BI failed).
+    pub fn refresh_live(
+        self: &Arc<Self>,
+        query: &PlannedQuery,
+        replaces: Option<&str>,
+    ) -> Option<FlightWatch> {
+        self.start_refresh(query, replaces, RefreshTrigger::Live)
     }
 
     /// Starts one background refresh of `query`'s key, replacing `entry`,
@@ -376,13 +384,13 @@ impl Aggregator {
         query: &PlannedQuery,
         replaces: Option<&str>,
         trigger: RefreshTrigger,
-    ) {
+    ) -> Option<FlightWatch> {
         if self.refresh_failed.contains_key(&query.key) {
-            return;
+            return None;
         }
         let deadline = Instant::now() + self.settings.refresh.timeout;
-        let Joined::Lead(lead, _) = self.refreshes.join(&query.key, deadline) else {
-            return;
+        let Joined::Lead(lead, watch) = self.refreshes.join(&query.key, deadline) else {
+            return None;
         };
         // Only a refresh that starts spends the budget (not the reads of a
         // key whose refresh is already under way). A live panel's refresh is
@@ -390,7 +398,7 @@ impl Aggregator {
         if matches!(trigger, RefreshTrigger::Ahead | RefreshTrigger::Live)
             && !self.take_ahead_budget(trigger)
         {
-            return;
+            return None;
         }
         // Its own trace, linked from the request that caused it: a refresh
         // belongs to no request.
@@ -412,6 +420,7 @@ impl Aggregator {
         }];
         let this = Arc::clone(self);
         tokio::spawn(async move { this.produce(pending).await }.instrument(span));
+        Some(watch)
     }
 
     /// The coalescing protocol for the flights this process leads: **try,

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::Stream;
+use futures_util::future::{BoxFuture, FutureExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -37,7 +38,7 @@ use tracing::Instrument;
 
 use crate::aggregate::{Aggregator, Answer, AnswerResult, CacheStatus};
 use crate::cache::{AnswerError, Cached, Entry, unix_micros};
-use crate::coalesce::Announcements;
+use crate::coalesce::{Announcements, Resolved};
 use crate::query::{CacheKey, PlannedQuery};
 use crate::telemetry::names;
 
@@ -286,33 +287,31 @@ impl Live {
         // nothing: refused, failed, or made elsewhere without an announcement
         // reaching us yet).
         let mut not_before = Instant::now();
+        // The refresh this instance started last, if it is still under way:
+        // its outcome brings the entry even where no announcement does (Redis
+        // unreachable, degraded mode).
+        let mut refreshing: Option<BoxFuture<'static, Result<Resolved, AnswerError>>> = None;
         loop {
             let interval = state.interval().unwrap_or(self.settings.min_interval);
             let due = current
                 .as_deref()
                 .map_or(not_before, |entry| due_at(entry, interval))
                 .max(not_before);
+            let refreshed = async {
+                match refreshing.as_mut() {
+                    Some(outcome) => outcome.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                cached = following.next() => match cached {
-                    Cached::Value(entry) => {
-                        let newer = current
-                            .as_ref()
-                            .is_none_or(|c| c.id != entry.id && entry.produced_at_us >= c.produced_at_us);
-                        if newer {
-                            current = Some(Arc::clone(&entry));
-                            let status = if entry.producer == self.instance_id {
-                                CacheStatus::Miss
-                            } else {
-                                CacheStatus::Coalesced
-                            };
-                            publish(&state, Ok(Answer {
-                                degraded: entry.uncoordinated,
-                                stale: false,
-                                entry,
-                                status,
-                            }));
-                        }
+                outcome = refreshed => {
+                    refreshing = None;
+                    if let Ok(resolved) = outcome {
+                        self.take_entry(&state, &mut current, resolved.entry);
                     }
+                }
+                cached = following.next() => match cached {
+                    Cached::Value(entry) => self.take_entry(&state, &mut current, entry),
                     // A failed refresh leaves the entry the subscribers have:
                     // they keep it. Without one, they learn of the failure.
                     Cached::Error(negative) if current.is_none() => {
@@ -322,13 +321,43 @@ impl Live {
                 },
                 () = tokio::time::sleep_until(due) => {
                     metrics::counter!(names::LIVE_REFRESHES).increment(1);
-                    self.aggregator
-                        .refresh_live(&query, current.as_deref().map(|entry| entry.id.as_str()));
+                    let replaces = current.as_deref().map(|entry| entry.id.as_str());
+                    if let Some(watch) = self.aggregator.refresh_live(&query, replaces) {
+                        refreshing = Some(watch.outcome().boxed());
+                    }
                     not_before = Instant::now() + interval;
                 }
                 () = state.intervals_changed.notified() => {}
             }
         }
+    }
+}
+
+impl Live {
+    /// Makes `entry` the key's current one and tells the subscribers, unless
+    /// it is the current one already or older.
+    fn take_entry(&self, state: &LiveKey, current: &mut Option<Arc<Entry>>, entry: Arc<Entry>) {
+        let newer = current
+            .as_ref()
+            .is_none_or(|c| c.id != entry.id && entry.produced_at_us >= c.produced_at_us);
+        if !newer {
+            return;
+        }
+        *current = Some(Arc::clone(&entry));
+        let status = if entry.producer == self.instance_id {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Coalesced
+        };
+        publish(
+            state,
+            Ok(Answer {
+                degraded: entry.uncoordinated,
+                stale: false,
+                entry,
+                status,
+            }),
+        );
     }
 }
 
