@@ -61,6 +61,7 @@ async fn three_hundred_subscribers_of_five_panels_cost_five_queries_per_interval
     let env = TestEnv::start(live_env().instances(3)).await;
     let panels = panels();
     // 3 instances x 5 connections x 20 subscriptions (4 of each panel).
+    let subscribed = Instant::now();
     let mut connections = Vec::new();
     for gateway in &env.gateways {
         for _ in 0..5 {
@@ -86,10 +87,15 @@ async fn three_hundred_subscribers_of_five_panels_cost_five_queries_per_interval
             assert_eq!(rows(&first[0]), &expected[s % panels.len()]);
         }
     }
-    assert_eq!(
-        queries_per_panel(&env, &panels),
-        vec![1; 5],
-        "one query per panel for 300 first events"
+    // One query per panel for 300 first events, and one per interval since
+    // (a loaded machine may take more than an interval to serve them all).
+    let intervals = subscribed.elapsed().as_secs_f64() / INTERVAL.as_secs_f64();
+    let first_queries = queries_per_panel(&env, &panels);
+    assert!(
+        first_queries
+            .iter()
+            .all(|n| *n >= 1 && (*n as f64) <= 1.0 + intervals.ceil()),
+        "{first_queries:?} queries per panel in {intervals:.2} intervals"
     );
 
     // Unchanged data: refreshes every interval, one per panel, no event.

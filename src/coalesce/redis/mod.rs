@@ -630,7 +630,13 @@ impl Announcements for RedisCoordinator {
         let channels = self
             .layout
             .channels(key, self.health().keyspace_notifications());
-        let watch = self.subscriptions.watch(key, channels).await;
+        // Redis's confirmation is waited for a lock lifetime at most: while
+        // Redis is unreachable the subscription is made when it is back (and
+        // the follower woken then), and the live key must not wait for it.
+        let (watch, confirm) = self.subscriptions.register(key, channels);
+        if let Some(confirm) = confirm {
+            let _ = tokio::time::timeout(self.settings.lock_ttl, confirm).await;
+        }
         Box::new(RedisFollowing {
             key: key.clone(),
             watch,
