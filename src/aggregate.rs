@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt, join_all};
@@ -75,6 +75,10 @@ pub struct Answer {
 }
 
 pub type AnswerResult = Result<Answer, AnswerError>;
+
+/// One `aggregate` answer given from the cache: the question and the entry
+/// that answered it.
+pub type ServedEntry = (PlannedQuery, Arc<Entry>);
 
 /// Settings the aggregator needs beyond its collaborators.
 #[derive(Debug, Clone)]
@@ -227,6 +231,32 @@ impl Aggregator {
         };
         count_answer(&answer);
         Some(answer)
+    }
+
+    /// Whether entries served moments ago are what [`Aggregator::peek`]
+    /// would serve now: the very same entries (held weakly by whoever asks,
+    /// so that they never outlive process memory's copy), still fresh. When
+    /// they are, they are counted as served again (hits, reads that make a
+    /// key hot for refresh-ahead), exactly as `peek` counts.
+    pub fn serves_again(self: &Arc<Self>, served: &[(PlannedQuery, Weak<Entry>)]) -> bool {
+        let mut entries = Vec::with_capacity(served.len());
+        for (query, kept) in served {
+            match self.coordinator.peek(&query.key) {
+                Some(Cached::Value(now))
+                    if std::ptr::eq(Arc::as_ptr(&now), kept.as_ptr())
+                        && self.freshness(&now, &query.scope) == Freshness::Fresh =>
+                {
+                    entries.push(now);
+                }
+                _ => return false,
+            }
+        }
+        for ((query, _), entry) in served.iter().zip(&entries) {
+            self.consider_refreshing_ahead(query, entry);
+            metrics::counter!(names::CACHE_LOOKUPS, "status" => CacheStatus::Hit.label())
+                .increment(1);
+        }
+        true
     }
 
     /// Answers every query of one batch; each gets its own answer or error.

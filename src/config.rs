@@ -158,6 +158,12 @@ pub struct Cli {
     #[arg(long, env = "MEMORY_CACHE_MAX_MB", default_value_t = 256)]
     pub memory_cache_max_mb: u64,
 
+    /// Size bound of the cache of whole answers to repeated identical
+    /// requests (served while every entry behind them is still fresh and
+    /// what process memory holds), in MiB of response JSON; 0 turns it off.
+    #[arg(long, env = "RESPONSE_CACHE_MAX_MB", default_value_t = 64)]
+    pub response_cache_max_mb: u64,
+
     /// Prefix of every cache key; tests use a random one to share one Redis.
     #[arg(long, env = "CACHE_NAMESPACE", default_value = "ag")]
     pub cache_namespace: String,
@@ -273,6 +279,11 @@ pub struct Cli {
     )]
     pub csrf_required_headers: String,
 
+    /// Whether `GET /graphql` serves GraphiQL to browsers (`Accept: text/html`);
+    /// false: they get what other GET clients get, and `/graphiql/*` is 404.
+    #[arg(long, env = "GRAPHIQL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub graphiql: bool,
+
     /// HS256 secret for JWT bearer tokens; turns authentication on.
     #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
     pub auth_jwt_secret: Option<String>,
@@ -324,6 +335,22 @@ pub struct Cli {
     /// when the endpoint's port is 4318 or its path ends in `/v1/traces`, else `grpc`.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL")]
     pub otel_exporter_otlp_protocol: Option<String>,
+
+    /// Which requests answered from the cache are traced (OpenTelemetry's
+    /// standard variable): `always_on`, `always_off`, `traceidratio`, and
+    /// the `parentbased_` form of each (a caller's `traceparent` decides
+    /// when there is one). BI calls, and requests that waited on one, are
+    /// always traced.
+    #[arg(
+        long,
+        env = "OTEL_TRACES_SAMPLER",
+        default_value = "parentbased_always_on"
+    )]
+    pub otel_traces_sampler: String,
+
+    /// The ratio of the `traceidratio` samplers, from 0 to 1 (default 1).
+    #[arg(long, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub otel_traces_sampler_arg: Option<String>,
 
     /// Put customer ids in span attributes (they can be personal data).
     #[arg(long, env = "TRACE_CUSTOMER_IDS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -395,6 +422,8 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     /// The bearer token of `/admin/*`; `None`: those routes answer 404.
     pub admin_token: Option<AdminToken>,
+    /// `GRAPHIQL`: whether browsers get GraphiQL at `GET /graphql`.
+    pub graphiql: bool,
     /// Added to the wall clock (tests only; see `Cli::clock_offset_ms`).
     pub clock_offset_ms: i64,
     /// Live panels (`LIVE_*`).
@@ -527,6 +556,9 @@ pub struct CacheSettings {
     pub refresh_max_per_minute: u32,
     pub persisted_queries_max: u64,
     pub memory_max_bytes: u64,
+    /// `RESPONSE_CACHE_MAX_MB` in bytes; 0: off (also when process memory
+    /// keeps no entries: `REDIS_LOCAL_CACHE=false`, `MEMORY_CACHE_MAX_MB=0`).
+    pub response_max_bytes: u64,
     pub namespace: String,
 }
 
@@ -593,8 +625,31 @@ pub struct TelemetrySettings {
     pub log_filter: String,
     pub log_format: LogFormat,
     pub otlp: Option<OtlpExport>,
+    pub sampling: TraceSampling,
+    /// Why `OTEL_TRACES_SAMPLER` was not used as given, for the start-up log.
+    pub sampling_warning: Option<String>,
     pub service_name: String,
     pub trace_customer_ids: bool,
+}
+
+/// Which requests answered from the cache are traced
+/// (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TraceSampling {
+    /// A caller's `traceparent`, when there is one, decides by its sampled flag.
+    pub parent_based: bool,
+    /// The share of the other requests traced: 1 for `always_on`, 0 for
+    /// `always_off`, the argument for `traceidratio`.
+    pub ratio: f64,
+}
+
+impl Default for TraceSampling {
+    fn default() -> TraceSampling {
+        TraceSampling {
+            parent_based: true,
+            ratio: 1.0,
+        }
+    }
 }
 
 /// Where and how spans are exported.
@@ -665,6 +720,11 @@ impl Config {
                 local_cache: cli.redis_local_cache,
             }),
         };
+        let entries_in_memory = cli.memory_cache_max_mb > 0
+            && match &coordination {
+                Coordination::InProcess => true,
+                Coordination::Redis(options) => options.local_cache,
+            };
         let member = |variable, member: &str| {
             crate::query::Member::parse(member).ok_or_else(|| {
                 bad(
@@ -799,6 +859,18 @@ impl Config {
                 cli.otel_exporter_otlp_protocol.as_deref(),
             )?),
         };
+        // OpenTelemetry's rule for these variables: a value that cannot be
+        // used is logged and the default taken, never a refusal to start.
+        let (sampling, sampling_warning) = match parse_sampling(
+            &cli.otel_traces_sampler,
+            cli.otel_traces_sampler_arg.as_deref(),
+        ) {
+            Ok(sampling) => (sampling, None),
+            Err(err) => (
+                TraceSampling::default(),
+                Some(format!("{err}; using parentbased_always_on")),
+            ),
+        };
 
         let minting_on = minting.is_some();
         Ok(Config {
@@ -835,6 +907,13 @@ impl Config {
                 persisted_queries_max: cli.persisted_queries_max.max(1),
                 negative_ttl: Duration::from_secs(cli.negative_cache_secs),
                 memory_max_bytes: cli.memory_cache_max_mb.saturating_mul(1024 * 1024),
+                // A response is served again only while process memory
+                // holds its entries: without that copy, nothing to keep.
+                response_max_bytes: if entries_in_memory {
+                    cli.response_cache_max_mb.saturating_mul(1024 * 1024)
+                } else {
+                    0
+                },
                 namespace: namespace.to_owned(),
             },
             graphql: GraphqlLimits {
@@ -867,6 +946,8 @@ impl Config {
                 log_filter: cli.rust_log,
                 log_format: cli.log_format,
                 otlp,
+                sampling,
+                sampling_warning,
                 service_name: cli.otel_service_name,
                 trace_customer_ids: cli.trace_customer_ids,
             },
@@ -874,6 +955,7 @@ impl Config {
                 .admin_token
                 .filter(|t| !t.trim().is_empty())
                 .map(AdminToken),
+            graphiql: cli.graphiql,
             clock_offset_ms: cli.clock_offset_ms,
             live: LiveSettings {
                 min_interval: Duration::from_secs(cli.live_min_interval_secs),
@@ -981,6 +1063,44 @@ fn positive(variable: &'static str, value: u64) -> Result<(), ConfigError> {
     }
 }
 
+/// OpenTelemetry's samplers that decide alone (no remote sampling service).
+fn parse_sampling(sampler: &str, arg: Option<&str>) -> Result<TraceSampling, ConfigError> {
+    let sampler = sampler.trim();
+    let (parent_based, root) = match sampler.strip_prefix("parentbased_") {
+        Some(root) => (true, root),
+        None => (false, sampler),
+    };
+    let ratio = match root {
+        "always_on" => 1.0,
+        "always_off" => 0.0,
+        "traceidratio" => match arg.map(str::trim).filter(|a| !a.is_empty()) {
+            None => 1.0,
+            Some(arg) => match arg.parse::<f64>() {
+                Ok(ratio) if (0.0..=1.0).contains(&ratio) => ratio,
+                _ => {
+                    return Err(bad(
+                        "OTEL_TRACES_SAMPLER_ARG",
+                        format!("`{arg}` is not a ratio from 0 to 1"),
+                    ));
+                }
+            },
+        },
+        _ => {
+            return Err(bad(
+                "OTEL_TRACES_SAMPLER",
+                format!(
+                    "`{sampler}` is not supported; use always_on, always_off, traceidratio, \
+                     parentbased_always_on, parentbased_always_off or parentbased_traceidratio"
+                ),
+            ));
+        }
+    };
+    Ok(TraceSampling {
+        parent_based,
+        ratio,
+    })
+}
+
 fn parse_otlp(endpoint: &str, protocol: Option<&str>) -> Result<OtlpExport, ConfigError> {
     let url = reqwest::Url::parse(endpoint).map_err(|err| {
         bad(
@@ -1037,6 +1157,54 @@ mod tests {
         assert_eq!(config.coordination, Coordination::InProcess);
         assert!(matches!(config.bi, BiTarget::Embedded { .. }));
         assert_eq!(config.cache.ttl, Duration::from_secs(300));
+        assert!(config.graphiql);
+        assert!(!parse(&["--graphiql", "false"]).expect("valid").graphiql);
+    }
+
+    #[test]
+    fn samplers_are_opentelemetrys() {
+        let sampling = |args: &[&str]| parse(args).map(|config| config.telemetry.sampling);
+        assert_eq!(sampling(&[]).expect("valid"), TraceSampling::default());
+        assert_eq!(
+            sampling(&[
+                "--otel-traces-sampler",
+                "parentbased_traceidratio",
+                "--otel-traces-sampler-arg",
+                "0.01"
+            ])
+            .expect("valid"),
+            TraceSampling {
+                parent_based: true,
+                ratio: 0.01
+            }
+        );
+        assert_eq!(
+            sampling(&["--otel-traces-sampler", "always_off"]).expect("valid"),
+            TraceSampling {
+                parent_based: false,
+                ratio: 0.0
+            }
+        );
+        for (args, variable) in [
+            (
+                &["--otel-traces-sampler", "jaeger_remote"][..],
+                "OTEL_TRACES_SAMPLER",
+            ),
+            (
+                &[
+                    "--otel-traces-sampler",
+                    "traceidratio",
+                    "--otel-traces-sampler-arg",
+                    "1.5",
+                ][..],
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+        ] {
+            let config = parse(args).expect("starts anyway");
+            assert_eq!(config.telemetry.sampling, TraceSampling::default());
+            let warning = config.telemetry.sampling_warning.expect("a warning");
+            assert!(warning.contains(variable), "{warning}");
+        }
     }
 
     #[test]

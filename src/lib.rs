@@ -105,6 +105,9 @@ pub async fn run(
     if let Some(warning) = config.bi.warning() {
         tracing::warn!("{warning}");
     }
+    if let Some(warning) = &config.telemetry.sampling_warning {
+        tracing::warn!("{warning}");
+    }
     let base_url = match &config.bi {
         BiTarget::Remote { base_url } => base_url.clone(),
         BiTarget::Embedded { latency } => {
@@ -277,7 +280,7 @@ pub async fn run(
         live: Arc::clone(&live),
     };
     let schema = graphql::build_schema(context.clone(), &config.graphql, true);
-    let schema_without_suggestions = graphql::build_schema(context, &config.graphql, false);
+    let schema_without_suggestions = graphql::build_schema(context.clone(), &config.graphql, false);
     let state = http::AppState {
         schema,
         schema_without_suggestions,
@@ -299,6 +302,17 @@ pub async fn run(
         operations: http::OperationNames::default(),
         readiness: Arc::clone(&readiness),
         live,
+        graphiql: config.graphiql.then(|| {
+            Arc::new(http::GraphiqlPage::new(match &config.auth {
+                None => http::CredentialHint::None,
+                Some(auth) if auth.jwt.is_some() => http::CredentialHint::Bearer,
+                Some(_) => http::CredentialHint::ApiKey,
+            }))
+        }),
+        responses: http::ResponseCache::new(
+            config.cache.response_max_bytes,
+            Arc::clone(&context.catalog),
+        ),
     };
     let app = http::app(state, config.graphql.max_body_bytes);
 

@@ -24,7 +24,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, fmt};
 
-use crate::config::{LogFormat, OtlpExport, OtlpProtocol, TelemetrySettings};
+use crate::config::{LogFormat, OtlpExport, OtlpProtocol, TelemetrySettings, TraceSampling};
 
 /// Metric names and the fixed values of their labels. Every gateway metric
 /// starts with [`names::PREFIX`], so that none collides with another
@@ -62,6 +62,7 @@ pub mod names {
     pub const LIVE_EVENTS: &str = "analytics_gateway_live_events_total";
     pub const LIVE_REFUSALS: &str = "analytics_gateway_live_refusals_total";
     pub const LIVE_CLOSED: &str = "analytics_gateway_live_connections_closed_total";
+    pub const RESPONSE_CACHE: &str = "analytics_gateway_response_cache_total";
 
     /// `outcome` of one HTTP request to the BI: `ok`, or why it was not
     /// (`continue_wait` is Cube's "still computing"; the rest are `BiError` kinds).
@@ -116,6 +117,10 @@ pub mod names {
     /// `reason` the gateway closed a live connection: its credential
     /// expired, or its sends stayed blocked (a client that does not read).
     pub const LIVE_CLOSE_REASONS: &[&str] = &["expired", "slow_consumer"];
+    /// `outcome` of a look in the cache of whole responses: `served` (the
+    /// stored response went out), `outdated` (an entry behind it changed or
+    /// is no longer fresh: executed again), `stored` (a response kept).
+    pub const RESPONSE_CACHE_OUTCOMES: &[&str] = &["served", "outdated", "stored"];
 }
 
 /// How Prometheus reads a metric.
@@ -350,6 +355,12 @@ pub const METRICS: &[MetricInfo] = {
             "Live connections the gateway closed, by reason",
         )
         .labels(&[("reason", LIVE_CLOSE_REASONS)]),
+        metric(
+            RESPONSE_CACHE,
+            Counter,
+            "Whole responses to repeated identical POSTs served from, kept in, or found outdated in the response cache",
+        )
+        .labels(&[("outcome", RESPONSE_CACHE_OUTCOMES)]),
     ]
 };
 
@@ -389,6 +400,137 @@ pub fn exporting() -> bool {
     EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Which requests answered from the cache are traced; set by [`init`].
+static SAMPLING: OnceLock<TraceSampling> = OnceLock::new();
+
+/// Whether a request is traced from its start: decided before it runs, from
+/// its headers and `OTEL_TRACES_SAMPLER`. A request that is not may still
+/// be, from the moment it needs the BI or Redis ([`RequestTrace::Deferred`]):
+/// the sampler only ever drops requests answered from process memory.
+pub fn samples(headers: &http::HeaderMap) -> bool {
+    if !exporting() {
+        return false;
+    }
+    let sampling = SAMPLING.get().copied().unwrap_or_default();
+    if sampling.parent_based
+        && let Some(sampled) = caller_sampled(headers)
+    {
+        return sampled;
+    }
+    sampling.ratio >= 1.0 || (sampling.ratio > 0.0 && fastrand::f64() < sampling.ratio)
+}
+
+/// The sampled flag of the caller's `traceparent`, when it sent a valid one.
+fn caller_sampled(headers: &http::HeaderMap) -> Option<bool> {
+    if !headers.contains_key(TRACEPARENT) {
+        return None;
+    }
+    let parent = extract(headers);
+    let span = parent.span();
+    let context = span.span_context();
+    context.is_valid().then(|| context.is_sampled())
+}
+
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
+
+/// The trace context W3C headers carry.
+fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
+    })
+}
+
+/// The root span of one GraphQL request, exported as `query <operation>`.
+pub fn request_span(operation: &str) -> tracing::Span {
+    tracing::info_span!(
+        "graphql.request",
+        otel.kind = "server",
+        otel.name = %format!("query {operation}"),
+        graphql.operation.name = %operation,
+        trace_id = tracing::field::Empty,
+        customer = tracing::field::Empty,
+    )
+}
+
+/// A request's trace, as its dataloader needs it.
+#[derive(Clone)]
+pub enum RequestTrace {
+    /// Nothing is exported.
+    Off,
+    /// Traced from its start.
+    Started(tracing::Span),
+    /// Not sampled: its span is started only if it needs the BI or Redis
+    /// (a miss, a wait, a lookup in Redis): in the caller's trace when the
+    /// caller keeps it, else as a new trace linked to the caller's.
+    Deferred {
+        operation: String,
+        /// The caller's `traceparent` and `tracestate`.
+        caller: Option<(http::HeaderValue, Option<http::HeaderValue>)>,
+    },
+}
+
+impl RequestTrace {
+    /// The trace of a request with these headers and operation label.
+    pub fn decide(headers: &http::HeaderMap, operation: &str) -> RequestTrace {
+        if !exporting() {
+            RequestTrace::Off
+        } else if samples(headers) {
+            let span = request_span(operation);
+            continue_trace(&span, headers);
+            RequestTrace::Started(span)
+        } else {
+            RequestTrace::Deferred {
+                operation: operation.to_owned(),
+                caller: headers
+                    .get(TRACEPARENT)
+                    .map(|parent| (parent.clone(), headers.get(TRACESTATE).cloned())),
+            }
+        }
+    }
+
+    /// The span the request runs in from its start: `Span::none()` unless
+    /// it is [`RequestTrace::Started`].
+    pub fn span(&self) -> tracing::Span {
+        match self {
+            RequestTrace::Started(span) => span.clone(),
+            _ => tracing::Span::none(),
+        }
+    }
+
+    /// The span of the request's work past process memory: its own span, or
+    /// one started now for a [`RequestTrace::Deferred`] one.
+    pub fn start(&self) -> tracing::Span {
+        match self {
+            RequestTrace::Off => tracing::Span::none(),
+            RequestTrace::Started(span) => span.clone(),
+            RequestTrace::Deferred { operation, caller } => {
+                let span = request_span(operation);
+                if let Some((parent, state)) = caller {
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert(TRACEPARENT, parent.clone());
+                    if let Some(state) = state {
+                        headers.insert(TRACESTATE, state.clone());
+                    }
+                    let context = extract(&headers);
+                    let remote = context.span().span_context().clone();
+                    if remote.is_sampled() {
+                        let _ = span.set_parent(context);
+                    } else if remote.is_valid() {
+                        // The caller does not keep its trace: the BI call
+                        // is kept in one of its own, which names the caller's.
+                        span.add_link(remote);
+                    }
+                }
+                if let Some((trace_id, _)) = span_ids(&span) {
+                    span.record("trace_id", trace_id);
+                }
+                span
+            }
+        }
+    }
+}
+
 /// The installed telemetry; [`Telemetry::shutdown`] flushes the spans still queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -425,6 +567,7 @@ pub fn init(settings: &TelemetrySettings, instance_id: &str) -> Telemetry {
             .boxed(),
     });
     if let Some(provider) = &provider {
+        let _ = SAMPLING.set(settings.sampling);
         EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
         // Its own filter: the log level must not decide which spans are exported.
         let spans = Targets::new().with_target("analytics_gateway", tracing::Level::INFO);
@@ -489,7 +632,11 @@ fn tracer_provider(
             KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
         ])
         .build();
+    // The gateway decides which requests are traced (`samples`); every span
+    // it does create is exported. Set explicitly: the SDK would otherwise
+    // read OTEL_TRACES_SAMPLER itself and drop BI calls' spans too.
     Ok(SdkTracerProvider::builder()
+        .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build())
@@ -521,9 +668,7 @@ pub fn link_to(span: &tracing::Span, trace_id: &str, span_id: &str) {
 
 /// Makes `span` a child of the trace named by incoming `traceparent` headers.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
-        propagator.extract(&opentelemetry_http::HeaderExtractor(headers))
-    });
+    let parent = extract(headers);
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use async_graphql::parser::types::{
-    DocumentOperations, ExecutableDocument, Selection, SelectionSet,
+    DocumentOperations, ExecutableDocument, OperationType, Selection, SelectionSet,
 };
 
 /// Why a document was refused (`QUERY_TOO_COMPLEX`).
@@ -146,7 +146,15 @@ pub struct DocumentSummary {
     pub introspects: bool,
     /// The name of its only operation, when it has exactly one named operation.
     pub operation_name: Option<String>,
+    /// Whether its whole answer may be served again to an identical request
+    /// while the entries behind it are unchanged: queries only, no
+    /// introspection, and none of the fields whose value moves with the
+    /// clock or with the BI's catalog ([`NOT_REPEATABLE`]).
+    pub repeatable: bool,
 }
+
+/// Fields whose answer is not a function of the entries behind it.
+const NOT_REPEATABLE: &[&str] = &["ageSeconds", "expiresInSeconds", "catalog"];
 
 /// Counts `aggregate` fields, aliases, fields and depth over every
 /// operation, each fragment counted as often as it is spread (that is what
@@ -165,12 +173,15 @@ pub fn check_document(
     };
     let mut total = Counts::default();
     let mut operation_name = None;
+    let mut queries_only = true;
     match &document.operations {
         DocumentOperations::Single(operation) => {
+            queries_only &= operation.node.ty == OperationType::Query;
             total.merge(walker.count(&operation.node.selection_set.node, 0, Place::Query)?);
         }
         DocumentOperations::Multiple(operations) => {
             for operation in operations.values() {
+                queries_only &= operation.node.ty == OperationType::Query;
                 total.merge(walker.count(&operation.node.selection_set.node, 0, Place::Query)?);
             }
             if operations.len() == 1 {
@@ -213,6 +224,7 @@ pub fn check_document(
     Ok(DocumentSummary {
         introspects: total.introspects,
         operation_name,
+        repeatable: queries_only && !total.introspects && !total.not_repeatable,
     })
 }
 
@@ -241,6 +253,8 @@ struct Counts {
     /// The most nested lists under an introspection field found below.
     introspection_lists: usize,
     introspects: bool,
+    /// A [`NOT_REPEATABLE`] field is selected below.
+    not_repeatable: bool,
 }
 
 impl Counts {
@@ -254,6 +268,7 @@ impl Counts {
         self.introspection_depth = self.introspection_depth.max(other.introspection_depth);
         self.introspection_lists = self.introspection_lists.max(other.introspection_lists);
         self.introspects |= other.introspects;
+        self.not_repeatable |= other.not_repeatable;
     }
 }
 
@@ -299,6 +314,7 @@ impl<'a> Walker<'a> {
                         introspection_depth: below.introspection_depth,
                         introspection_lists: below.introspection_lists,
                         introspects: below.introspects || introspection_root,
+                        not_repeatable: below.not_repeatable || NOT_REPEATABLE.contains(&name),
                         ..Counts::default()
                     };
                     if introspection_root {
@@ -497,6 +513,29 @@ mod tests {
             summary(spread, 12),
             Err(LimitError::IntrospectionListsTooDeep { .. })
         ));
+    }
+
+    #[test]
+    fn only_answers_that_depend_on_their_entries_alone_are_repeatable() {
+        let repeatable = |query: &str| summary(query, 12).expect("ok").repeatable;
+        let panel = "query Panel($i: AggregateInput!) { aggregate(input: $i) { rows cache { status producedAt } } }";
+        assert!(repeatable(panel));
+        assert!(repeatable(
+            "query A($i: AggregateInput!) { a: aggregate(input: $i) { ...R } __typename } fragment R on AggregateResult { rows }"
+        ));
+        // The clock, the catalog, the schema, and anything but a query.
+        assert!(!repeatable(
+            "query($i: AggregateInput!) { aggregate(input: $i) { cache { ageSeconds } } }"
+        ));
+        assert!(!repeatable(
+            "query($i: AggregateInput!) { aggregate(input: $i) { ...C } } fragment C on AggregateResult { cache { expiresInSeconds } }"
+        ));
+        assert!(!repeatable("{ catalog { cubes { name } } }"));
+        assert!(!repeatable("{ __schema { queryType { name } } }"));
+        assert!(!repeatable(
+            "query A { __typename } mutation B { __typename }"
+        ));
+        assert!(!repeatable("subscription S { __typename }"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_graphql::dataloader::Loader;
@@ -17,6 +17,7 @@ use crate::auth::Identity;
 use crate::cache::{AnswerError, AnswerErrorKind};
 use crate::coalesce::Counters;
 use crate::query::PlannedQuery;
+use crate::telemetry::{self, RequestTrace};
 
 /// One per GraphQL request, so that a batch never waits for another
 /// request's slow BI call; identical queries of concurrent requests meet in
@@ -26,9 +27,12 @@ pub struct AggregateLoader {
     /// Where quotas are counted (shared by all instances with Redis).
     counters: Arc<dyn Counters>,
     deadline: Instant,
-    /// The request's span: the dataloader runs batches on a task of its own,
-    /// which would otherwise start a trace of its own.
-    request_span: tracing::Span,
+    /// The request's trace: the dataloader runs batches on a task of its
+    /// own, which would otherwise start a trace of its own. A request not
+    /// sampled gets its span here, when it first needs more than process
+    /// memory: what waited on the BI or Redis is always traced.
+    trace: RequestTrace,
+    request_span: OnceLock<tracing::Span>,
     /// Whose quota the batch's BI queries count against.
     identity: Identity,
 }
@@ -41,16 +45,21 @@ impl AggregateLoader {
         aggregator: Arc<Aggregator>,
         counters: Arc<dyn Counters>,
         deadline: Instant,
-        request_span: tracing::Span,
+        trace: RequestTrace,
         identity: Identity,
     ) -> AggregateLoader {
         AggregateLoader {
             aggregator,
             counters,
             deadline,
-            request_span,
+            trace,
+            request_span: OnceLock::new(),
             identity,
         }
+    }
+
+    fn request_span(&self) -> &tracing::Span {
+        self.request_span.get_or_init(|| self.trace.start())
     }
 
     /// Counts the batch against the caller's quota (every key not answered
@@ -83,7 +92,7 @@ impl Loader<PlannedQuery> for AggregateLoader {
         keys: &[PlannedQuery],
     ) -> Result<HashMap<PlannedQuery, AnswerResult>, Infallible> {
         let span = tracing::info_span!(
-            parent: &self.request_span,
+            parent: self.request_span(),
             "dataloader.batch",
             keys = keys.len() as i64,
             hits = Empty,
@@ -113,6 +122,18 @@ impl Loader<PlannedQuery> for AggregateLoader {
         span.record("misses", count(Some(CacheStatus::Miss)));
         span.record("coalesced", count(Some(CacheStatus::Coalesced)));
         span.record("errors", count(None));
+        if matches!(self.trace, RequestTrace::Deferred { .. }) {
+            // A span started here: the resolvers' links (to the BI calls
+            // that paid for these rows) went to no span.
+            for answer in answers.values().flatten() {
+                if answer.status != CacheStatus::Miss
+                    && let (Some(trace_id), Some(span_id)) =
+                        (&answer.entry.trace_id, &answer.entry.span_id)
+                {
+                    telemetry::link_to(self.request_span(), trace_id, span_id);
+                }
+            }
+        }
         Ok(keys
             .iter()
             .map(|query| {

@@ -1,7 +1,7 @@
 //! The served schema. `schema.graphql` at the repo root is its SDL.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{
@@ -12,7 +12,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::errors::ResolverError;
 use super::loader::AggregateLoader;
-use crate::aggregate::{Aggregator, Answer, CacheStatus};
+use crate::aggregate::{Aggregator, Answer, CacheStatus, ServedEntry};
 use crate::auth::{AccessError, AuthError, Identity};
 use crate::bi::BiClient;
 use crate::bi::protocol::MetaMember;
@@ -40,6 +40,9 @@ struct Facts {
     /// The shortest fresh time left among the answers, in ms; `u64::MAX`
     /// while there is none.
     fresh_for_ms: AtomicU64,
+    /// Every answer with its entry, while all of them are fresh hits;
+    /// `None` after any other.
+    hits: Mutex<Option<Vec<ServedEntry>>>,
 }
 
 impl Default for AnswerFacts {
@@ -48,12 +51,21 @@ impl Default for AnswerFacts {
             degraded: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             fresh_for_ms: AtomicU64::new(u64::MAX),
+            hits: Mutex::new(Some(Vec::new())),
         }))
     }
 }
 
 impl AnswerFacts {
-    fn record(&self, answer: &Answer) {
+    fn record(&self, query: &PlannedQuery, answer: &Answer) {
+        {
+            let mut hits = self.0.hits.lock().unwrap_or_else(|p| p.into_inner());
+            let plain_hit = answer.status == CacheStatus::Hit && !answer.stale && !answer.degraded;
+            match hits.as_mut() {
+                Some(hits) if plain_hit => hits.push((query.clone(), Arc::clone(&answer.entry))),
+                _ => *hits = None,
+            }
+        }
         if answer.degraded {
             self.0.degraded.store(true, Ordering::Relaxed);
         }
@@ -70,6 +82,13 @@ impl AnswerFacts {
 
     pub fn stale(&self) -> bool {
         self.0.stale.load(Ordering::Relaxed)
+    }
+
+    /// The entries behind the answers, when there were some and every one
+    /// was a fresh hit (not stale, not degraded); `None` otherwise.
+    pub fn hits(&self) -> Option<Vec<ServedEntry>> {
+        let hits = self.0.hits.lock().unwrap_or_else(|p| p.into_inner());
+        hits.as_ref().filter(|hits| !hits.is_empty()).cloned()
     }
 
     /// How long every answer stays fresh; `None` when there was none.
@@ -284,7 +303,7 @@ impl QueryRoot {
         };
         let answer = answer.map_err(|err| ResolverError::from(err).extend())?;
         if let Some(facts) = ctx.data_opt::<AnswerFacts>() {
-            facts.record(&answer);
+            facts.record(&planned, &answer);
         }
 
         // The request's span links to the BI call that paid for these rows,

@@ -5,6 +5,8 @@
 //! or `"evict"`: entries of that scope produced before the call stop being
 //! fresh (or are dropped) on every instance within a second.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -83,7 +85,7 @@ fn authorised(state: &AppState, headers: &HeaderMap) -> Option<bool> {
 }
 
 pub(super) async fn invalidate(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

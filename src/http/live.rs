@@ -42,7 +42,7 @@ const MAX_CLIENT_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Upgrades `GET /graphql` to a GraphQL WebSocket, if the client speaks one
 /// of the protocols.
-pub(super) fn upgrade(state: AppState, headers: &HeaderMap, ws: WebSocketUpgrade) -> Response {
+pub(super) fn upgrade(state: Arc<AppState>, headers: &HeaderMap, ws: WebSocketUpgrade) -> Response {
     let protocol = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -66,7 +66,7 @@ pub(super) fn upgrade(state: AppState, headers: &HeaderMap, ws: WebSocketUpgrade
 /// The schema behind the same document limits as HTTP's, with every error
 /// of a subscription given its `extensions.code` as for HTTP.
 #[derive(Clone)]
-struct LiveExecutor(AppState);
+struct LiveExecutor(Arc<AppState>);
 
 impl Executor for LiveExecutor {
     async fn execute(&self, mut request: async_graphql::Request) -> async_graphql::Response {
@@ -107,7 +107,7 @@ struct Admission {
     expires_at: Mutex<Option<u64>>,
 }
 
-async fn serve(state: AppState, socket: WebSocket, protocol: Protocols) {
+async fn serve(state: Arc<AppState>, socket: WebSocket, protocol: Protocols) {
     let (mut sink, stream) = socket.split();
     let input = stream
         .take_while(|message| std::future::ready(message.is_ok()))
@@ -121,25 +121,26 @@ async fn serve(state: AppState, socket: WebSocket, protocol: Protocols) {
     let admission = Arc::new(Admission::default());
     let authenticator = state.authenticator.clone();
     let admitted = Arc::clone(&admission);
-    let mut protocol_stream = GraphqlWebSocket::new(LiveExecutor(state.clone()), input, protocol)
-        .on_connection_init(move |payload| async move {
-            let identity = match &authenticator {
-                None => Identity::Open,
-                Some(authenticator) => authenticator.identify(&credentials(&payload)),
-            };
-            if let Identity::Unauthenticated(err) = &identity {
-                admitted.refused.store(true, Ordering::Relaxed);
-                return Err(async_graphql::Error::new(err.to_string()));
-            }
-            *admitted
-                .expires_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = identity.expires_at();
-            let mut data = Data::default();
-            data.insert(identity);
-            data.insert(ConnectionSubscriptions::default());
-            Ok(data)
-        });
+    let mut protocol_stream =
+        GraphqlWebSocket::new(LiveExecutor(Arc::clone(&state)), input, protocol)
+            .on_connection_init(move |payload| async move {
+                let identity = match &authenticator {
+                    None => Identity::Open,
+                    Some(authenticator) => authenticator.identify(&credentials(&payload)),
+                };
+                if let Identity::Unauthenticated(err) = &identity {
+                    admitted.refused.store(true, Ordering::Relaxed);
+                    return Err(async_graphql::Error::new(err.to_string()));
+                }
+                *admitted
+                    .expires_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = identity.expires_at();
+                let mut data = Data::default();
+                data.insert(identity);
+                data.insert(ConnectionSubscriptions::default());
+                Ok(data)
+            });
     let send_timeout = state.live.settings().send_timeout;
     loop {
         let expires_at = *admission

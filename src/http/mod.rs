@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::dataloader::DataLoader;
-use async_graphql::http::GraphiQLSource;
 use async_graphql::parser::types::ExecutableDocument;
 use axum::body::Bytes;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -31,19 +30,24 @@ use crate::graphql::{
     AggregateLoader, AnswerFacts, ErrorCode, GatewaySchema, classify_request_errors,
 };
 use crate::readiness::{Phase, Readiness};
-use crate::telemetry::{self, names};
+use crate::telemetry::{self, RequestTrace, names};
 use tracing::Instrument;
 
 mod admin;
 mod body_limit;
 mod caching;
+mod graphiql;
 mod live;
 mod media;
 mod persisted;
+mod responses;
 
 use self::body_limit::{BodyLimit, Linger, limit_body};
+pub use self::graphiql::{CredentialHint, GraphiqlPage};
 pub use self::media::ResponseMedia;
 pub use self::persisted::PersistedQueries;
+pub use self::responses::ResponseCache;
+use self::responses::{Lookup, StoredResponse};
 
 /// Everything the handlers share.
 #[derive(Clone)]
@@ -73,6 +77,11 @@ pub struct AppState {
     pub readiness: Arc<Readiness>,
     /// Live panels (the WebSocket transport reads its settings).
     pub live: Arc<crate::live::Live>,
+    /// `None` (`GRAPHIQL=false`): browsers get what other GET clients get,
+    /// and the page's files are not served.
+    pub graphiql: Option<Arc<GraphiqlPage>>,
+    /// Whole answers to repeated identical POSTs (`RESPONSE_CACHE_MAX_MB`).
+    pub responses: ResponseCache,
 }
 
 impl AppState {
@@ -149,8 +158,13 @@ impl DocumentCache {
 
 /// The whole HTTP application; tests drive this same router.
 pub fn app(state: AppState, max_body_bytes: usize) -> Router {
+    let graphiql_files = match state.graphiql {
+        Some(_) => graphiql::routes(),
+        None => Router::new(),
+    };
     Router::new()
         .route("/graphql", get(graphql_get).post(graphql_post))
+        .merge(graphiql_files)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -170,14 +184,19 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         ))
         .layer(middleware::from_fn(record_http))
         .layer(CatchPanicLayer::new())
-        .with_state(state)
+        // Shared behind one `Arc`: axum clones the state for every request.
+        .with_state(Arc::new(state))
 }
 
 /// Most operations in one JSON batch, when batches are allowed: each
 /// document is limited on its own, so the batch size bounds the total.
 const MAX_BATCH_OPERATIONS: usize = 10;
 
-async fn graphql_post(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn graphql_post(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let media = ResponseMedia::negotiate(&headers);
     media.label(post_answer(&state, &headers, media, body).await)
 }
@@ -213,9 +232,11 @@ async fn post_answer(
                 .map(|request| execute(state, headers, identity.clone(), request)),
         )
         .await;
-        let degraded = executed.iter().any(|(_, facts)| facts.degraded());
-        let responses: Vec<async_graphql::Response> =
-            executed.into_iter().map(|(response, _)| response).collect();
+        let degraded = executed.iter().any(|executed| executed.facts.degraded());
+        let responses: Vec<async_graphql::Response> = executed
+            .into_iter()
+            .map(|executed| executed.response)
+            .collect();
         // Batches are not part of GraphQL over HTTP: each answer as with
         // application/json, the whole with status 200.
         return no_store(with_degraded_flag(
@@ -223,10 +244,34 @@ async fn post_answer(
             Json(responses).into_response(),
         ));
     }
+    let started = std::time::Instant::now();
+    let reuse = match state.responses.lookup(&state.aggregator, &identity, &body) {
+        Lookup::Served(stored) => {
+            account_served_again(headers, &stored, started);
+            return no_store(json_body(stored.body.clone()));
+        }
+        Lookup::Execute(pending) => Some(pending),
+        Lookup::Ineligible => None,
+    };
     match serde_json::from_slice::<async_graphql::Request>(&body) {
         Ok(request) => {
-            let (response, facts) = execute(state, headers, identity, request).await;
-            no_store(with_degraded_flag(facts.degraded(), media.answer(response)))
+            let executed = execute(state, headers, identity, request).await;
+            let served = executed
+                .facts
+                .hits()
+                .filter(|_| executed.repeatable && executed.response.is_ok())
+                .filter(|_| executed.response.extensions.is_empty());
+            if let (Some(key), Some(served)) = (reuse, served) {
+                let body = Bytes::from(serde_json::to_vec(&executed.response).unwrap_or_default());
+                state
+                    .responses
+                    .store(key, body.clone(), served, executed.operation);
+                return no_store(json_body(body));
+            }
+            no_store(with_degraded_flag(
+                executed.facts.degraded(),
+                media.answer(executed.response),
+            ))
         }
         Err(err) => request_error(&format!(
             "the body is not a GraphQL request ({{\"query\", \"variables\", \"operationName\"}}): {err}"
@@ -274,7 +319,7 @@ fn csrf_check(state: &AppState, headers: &HeaderMap) -> Option<Response> {
 }
 
 async fn graphql_get(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     RawQuery(query): RawQuery,
@@ -287,14 +332,8 @@ async fn graphql_get(
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())
         .is_some_and(|accept| accept.contains("text/html"));
-    if wants_html {
-        return Html(
-            GraphiQLSource::build()
-                .endpoint("/graphql")
-                .title("analytics-gateway")
-                .finish(),
-        )
-        .into_response();
+    if wants_html && let Some(page) = &state.graphiql {
+        return page.response();
     }
     let media = ResponseMedia::negotiate(&headers);
     media.label(
@@ -302,10 +341,10 @@ async fn graphql_get(
             Ok(request) => {
                 let identity = state.identify(&headers);
                 let scope = identity.scope_fingerprint();
-                let (response, facts) = execute(&state, &headers, identity, request).await;
+                let executed = execute(&state, &headers, identity, request).await;
                 with_degraded_flag(
-                    facts.degraded(),
-                    cacheable_answer(&headers, media, &response, &facts, &scope),
+                    executed.facts.degraded(),
+                    cacheable_answer(&headers, media, &executed.response, &executed.facts, &scope),
                 )
             }
             Err(err) => request_error(&format!("the query string is not a GraphQL request: {err}")),
@@ -356,22 +395,74 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
+/// A `200` with a GraphQL answer's JSON (labelled with the negotiated media
+/// type by the caller's `ResponseMedia::label`).
+fn json_body(body: Bytes) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// Accounts for an answer served again from the response cache as for one
+/// executed: its operation's duration and, when traced, its request span
+/// with links to the BI calls that paid for its entries.
+fn account_served_again(headers: &HeaderMap, stored: &StoredResponse, started: std::time::Instant) {
+    if telemetry::samples(headers) {
+        let span = telemetry::request_span(&stored.operation);
+        telemetry::continue_trace(&span, headers);
+        for entry in ResponseCache::entries(stored) {
+            if let (Some(trace_id), Some(span_id)) = (&entry.trace_id, &entry.span_id) {
+                telemetry::link_to(&span, trace_id, span_id);
+            }
+        }
+    }
+    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => stored.operation.clone())
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// One GraphQL request executed, and what the HTTP layer needs to know of it.
+struct Executed {
+    response: async_graphql::Response,
+    /// What its answers were like.
+    facts: AnswerFacts,
+    /// Its operation's metric label.
+    operation: String,
+    /// Its document passed the limits and its answer is a function of its
+    /// entries alone (`DocumentSummary::repeatable`).
+    repeatable: bool,
+}
+
 /// Runs one GraphQL request; also says what its answers were like.
 async fn execute(
     state: &AppState,
     headers: &HeaderMap,
     identity: Identity,
     mut request: async_graphql::Request,
-) -> (async_graphql::Response, AnswerFacts) {
+) -> Executed {
     let started = std::time::Instant::now();
     let facts = AnswerFacts::default();
+    // A persisted query's answer is not kept: serving it again would skip
+    // the persisted document's lookup (it may be gone: PERSISTED_QUERY_NOT_FOUND)
+    // and registration.
+    let persisted = request.extensions.contains_key("persistedQuery");
     // A persisted query's document, from its hash, before any limit looks
     // at the request (its document is what the limits check).
     let to_persist = match state.persisted_queries.resolve(&mut request).await {
         Ok(to_persist) => to_persist,
         Err(refused) => {
             let error = coded_error(refused.message.to_owned(), refused.code);
-            return (async_graphql::Response::from_errors(vec![error]), facts);
+            return Executed {
+                response: async_graphql::Response::from_errors(vec![error]),
+                facts,
+                operation: state.operations.label(None),
+                repeatable: false,
+            };
         }
     };
     // The limits parse the document first, and the document names the
@@ -389,25 +480,17 @@ async fn execute(
         .as_ref()
         .ok()
         .and_then(|summary| summary.operation_name.clone());
+    let repeatable = !persisted && checked.as_ref().is_ok_and(|summary| summary.repeatable);
     let operation = state.operations.label(
         request
             .operation_name
             .as_deref()
             .or(document_name.as_deref()),
     );
-    let span = if telemetry::exporting() {
-        tracing::info_span!(
-            "graphql.request",
-            otel.kind = "server",
-            otel.name = %format!("query {operation}"),
-            graphql.operation.name = %operation,
-            trace_id = tracing::field::Empty,
-            customer = tracing::field::Empty,
-        )
-    } else {
-        tracing::Span::none()
-    };
-    telemetry::continue_trace(&span, headers);
+    // Requests answered from process memory are traced as the sampler says;
+    // the others from the moment they need more (the dataloader's batch).
+    let trace = RequestTrace::decide(headers, &operation);
+    let span = trace.span();
     if let Some((trace_id, _)) = telemetry::span_ids(&span) {
         // Log lines inside this request carry it, so logs lead to the trace.
         span.record("trace_id", trace_id);
@@ -422,7 +505,7 @@ async fn execute(
                     Arc::clone(&state.aggregator),
                     Arc::clone(&state.counters),
                     deadline,
-                    span.clone(),
+                    trace,
                     identity.clone(),
                 ),
                 tokio::spawn,
@@ -443,7 +526,7 @@ async fn execute(
         }
     };
     classify_request_errors(&mut response);
-    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation)
+    metrics::histogram!(names::GRAPHQL_DURATION, "operation" => operation.clone())
         .record(started.elapsed().as_secs_f64());
     // Decided by how the answers were produced, not by how Redis is doing
     // now: a degraded answer always says so, and only those do.
@@ -453,7 +536,12 @@ async fn execute(
             async_graphql::Value::from(DEGRADED_VALUE),
         );
     }
-    (response, facts)
+    Executed {
+        response,
+        facts,
+        operation,
+        repeatable,
+    }
 }
 
 /// The cost limits async-graphql does not check: tokens before parsing, then
@@ -549,7 +637,7 @@ async fn healthz() -> &'static str {
 /// 200 while the process can serve anything (cached answers need neither
 /// the BI nor Redis), 503 while it starts and once shutdown has begun; the
 /// body says how each dependency is doing.
-async fn readyz(State(state): State<AppState>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let phase = state.readiness.phase();
     let coordinator = state.store_health.describe();
     let status = if phase == Phase::Serving {
@@ -571,7 +659,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn render_metrics(State(state): State<AppState>) -> Response {
+async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
@@ -588,6 +676,7 @@ async fn record_http(request: Request, next: Next) -> Response {
             "/healthz" => "/healthz",
             "/readyz" => "/readyz",
             "/metrics" => "/metrics",
+            graphiql::ASSET_ROUTE => "/graphiql",
             _ => "other",
         });
     let method = request.method().as_str().to_owned();

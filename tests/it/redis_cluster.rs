@@ -306,7 +306,11 @@ async fn a_primary_killed_during_a_stampede_costs_at_most_one_extra_query_per_ke
     let (requests, expected) = stampede("after");
     let answers = env.fire_on(&requests).await;
     for (i, answer) in answers.iter().enumerate() {
-        assert!(answer.get("errors").is_none(), "request {i}: {answer}");
+        assert!(
+            answer.get("errors").is_none(),
+            "request {i}: {answer}\n{}",
+            env.logs()
+        );
         assert_eq!(
             answer["data"]["aggregate"]["rows"],
             expected[i % KEYS],

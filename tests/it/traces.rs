@@ -737,3 +737,109 @@ async fn requests_are_unaffected(env: &TestEnv, body: &Value, expected: &Value, 
     );
     assert_eq!(env.sim.stats().queries, 1, "{what}");
 }
+
+/// With `OTEL_TRACES_SAMPLER=parentbased_traceidratio` and a ratio of 0,
+/// requests answered from the cache are not traced, unless the caller's
+/// `traceparent` is sampled; every request that needed the BI (the miss and
+/// the coalesced ones of a cold stampede) still is, each coalesced one
+/// linked to the one `bi.call`, and so are repeated POSTs answered from the
+/// response cache only when their caller samples them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sampler_drops_only_requests_answered_from_the_cache() {
+    let receiver = OtlpReceiver::grpc().await;
+    let mut env = TestEnv::start(
+        exporting_to(TestOptions::default().latency_ms(500), &receiver, "grpc")
+            .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+            .env("OTEL_TRACES_SAMPLER_ARG", "0"),
+    )
+    .await;
+    let (body, expected) = question("sampled");
+    // A miss whose caller does not keep its trace: traced in a trace of its
+    // own, linked to the caller's span.
+    let (other, _) = question("sampled-elsewhere");
+    let caller_trace = uuid::Uuid::new_v4().simple().to_string();
+    let caller_span = format!("{:016x}", fastrand::u64(1..));
+    let answer: Value = reqwest::Client::new()
+        .post(format!("{}/graphql", env.gateway().url()))
+        .header("traceparent", format!("00-{caller_trace}-{caller_span}-00"))
+        .json(&other)
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(answer["data"]["aggregate"]["cache"]["status"], "MISS");
+    let cold = env.fire(12, &body).await;
+    let counted = statuses(&cold, &expected);
+    assert_eq!((counted.miss, counted.coalesced), (1, 11), "{cold:?}");
+
+    let hits = env.fire(30, &body).await;
+    assert_eq!(statuses(&hits, &expected).hit, 30);
+    let post_with = |traceparent: String| {
+        let request = reqwest::Client::new()
+            .post(format!("{}/graphql", env.gateway().url()))
+            .header("traceparent", traceparent)
+            .json(&body)
+            .send();
+        async move {
+            let answer: Value = request
+                .await
+                .expect("an answer")
+                .json()
+                .await
+                .expect("JSON");
+            assert_eq!(answer["data"]["aggregate"]["cache"]["status"], "HIT");
+        }
+    };
+    let sampled_trace = uuid::Uuid::new_v4().simple().to_string();
+    let unsampled_trace = uuid::Uuid::new_v4().simple().to_string();
+    for _ in 0..2 {
+        post_with(format!("00-{sampled_trace}-{:016x}-01", fastrand::u64(1..))).await;
+        post_with(format!(
+            "00-{unsampled_trace}-{:016x}-00",
+            fastrand::u64(1..)
+        ))
+        .await;
+    }
+
+    stop_gracefully(&mut env.gateways).await;
+    let spans = receiver
+        .spans_when(SPANS_TIMEOUT, |spans| request_spans(spans).len() >= 15)
+        .await;
+    let mut requests = request_spans(&spans);
+    let elsewhere = requests
+        .iter()
+        .position(|s| {
+            s.links()
+                .contains(&(caller_trace.clone(), caller_span.clone()))
+        })
+        .unwrap_or_else(|| panic!("no request span links to the caller's: {}", dump(&spans)));
+    let elsewhere = requests.remove(elsewhere);
+    assert_ne!(elsewhere.trace_id(), caller_trace);
+    assert!(
+        elsewhere.parent_span_id().is_empty(),
+        "{}",
+        elsewhere.describe()
+    );
+    let calls = named(&spans, "bi.call");
+    assert_eq!(calls.len(), 2, "{}", dump(&spans));
+    assert!(
+        calls.iter().any(|c| c.trace_id() == elsewhere.trace_id()),
+        "the miss's bi.call is in its trace: {}",
+        dump(&spans)
+    );
+    let call = calls
+        .iter()
+        .find(|c| c.trace_id() != elsewhere.trace_id())
+        .expect("the stampede's bi.call");
+    let in_trace = |trace: &str| requests.iter().filter(|s| s.trace_id() == trace).count();
+    assert_eq!(in_trace(&sampled_trace), 2, "{}", dump(&spans));
+    assert_eq!(in_trace(&unsampled_trace), 0, "{}", dump(&spans));
+    assert_eq!(requests.len(), 12 + 2, "{}", dump(&spans));
+    let linked = requests
+        .iter()
+        .filter(|s| s.links().contains(&(call.trace_id(), call.span_id())))
+        .count();
+    assert_eq!(linked, 11 + 2, "{}", dump(&spans));
+}

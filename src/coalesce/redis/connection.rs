@@ -14,6 +14,7 @@ use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, ProtocolVersion,
@@ -189,6 +190,14 @@ async fn cluster_node_timeout(nodes: &[String]) -> Option<Duration> {
     None
 }
 
+/// Every node of a cluster, the first answer wins.
+fn any_node() -> RoutingInfo {
+    RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllNodes,
+        Some(ResponsePolicy::OneSucceeded),
+    ))
+}
+
 fn cluster_client(
     nodes: &[String],
     timeout: Duration,
@@ -197,7 +206,14 @@ fn cluster_client(
     let mut builder = ClusterClient::builder(nodes.to_vec())
         .connection_timeout(timeout)
         .response_timeout(timeout)
-        .retries(3);
+        .retries(3)
+        // redis-rs waits 1.28 s and more before retrying TRYAGAIN,
+        // CLUSTERDOWN or LOADING: longer than a lock's renewal period. Short
+        // waits here; the request's own deadline (`Link::persist`) decides
+        // how long to go on.
+        .min_retry_wait(10)
+        .max_retry_wait(250)
+        .retry_wait_formula(25, 2);
     if let Some(pushes) = pushes {
         builder = builder
             .use_protocol(ProtocolVersion::RESP3)
@@ -286,6 +302,22 @@ impl Commands {
                 command.query_async(&mut cluster.connection().await?).await
             }
             Commands::Sentinel(primary) => command.query_async(&mut primary.connection()?).await,
+        }
+    }
+
+    /// `PING`; in a cluster, to every node, answered by the first that
+    /// answers (redis-rs would send a plain `PING` to every primary and fail
+    /// it when any one is down, which says nothing of the others).
+    pub(super) async fn ping_one(&self) -> RedisResult<()> {
+        let ping = redis::cmd("PING");
+        match self {
+            Commands::Cluster(cluster) => cluster
+                .connection()
+                .await?
+                .route_command(ping, any_node())
+                .await
+                .map(drop),
+            _ => self.query::<String>(&ping).await.map(drop),
         }
     }
 
@@ -393,7 +425,14 @@ impl Subscription {
     pub(super) async fn ping(&mut self) -> RedisResult<String> {
         match self {
             Subscription::Plain(conn) => redis::cmd("PING").query_async(conn).await,
-            Subscription::Sharded(conn) => redis::cmd("PING").query_async(conn).await,
+            // Any node: a plain `PING` goes to every primary and fails while
+            // any one is down, which would make the subscriber reconnect to
+            // the whole cluster (and lose its messages meanwhile) over and
+            // over during one shard's outage.
+            Subscription::Sharded(conn) => conn
+                .route_command(redis::cmd("PING"), any_node())
+                .await
+                .and_then(|reply| Ok(String::from_redis_value(reply)?)),
         }
     }
 }

@@ -212,6 +212,13 @@ impl Link {
 
     /// A command coordination needs (a lock script, a fill, a write): its
     /// error replies count towards Redis refusing, its success ends that.
+    /// One `PING` (to one node of a cluster): the pinger's sign of life.
+    pub(super) async fn ping(&self) -> RedisResult<()> {
+        let reply = self.commands.ping_one().await;
+        self.note(&reply, false);
+        reply
+    }
+
     pub(super) async fn coordinate<T: FromRedisValue>(&self, command: &Cmd) -> RedisResult<T> {
         let reply = self.commands.query(command).await;
         self.note(&reply, true);
@@ -349,8 +356,7 @@ pub(super) async fn first_check(link: &Link, settings: PingerSettings) -> Option
     if link.commands.is_cluster() {
         // Keyspace notifications are node-local: a cluster's waiters learn
         // of answers through sharded channels, and poll for expired locks.
-        let ping = redis::cmd("PING");
-        let _ = tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+        let _ = tokio::time::timeout(settings.command_timeout, link.ping()).await;
         learn_cluster_nodes(link, settings.command_timeout).await;
         link.health.report();
         return None;
@@ -419,9 +425,7 @@ pub(super) async fn watch_health(
         } else if cluster {
             // No notifications to check (see `first_check`): a ping, and
             // now and then the nodes, for `/readyz`.
-            let ping = redis::cmd("PING");
-            let _ =
-                tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+            let _ = tokio::time::timeout(settings.command_timeout, link.ping()).await;
             if recheck_owed || tick.is_multiple_of(run_id_every) {
                 recheck_owed = false;
                 learn_cluster_nodes(&link, settings.command_timeout).await;
@@ -447,9 +451,7 @@ pub(super) async fn watch_health(
                 known = Some(id);
             }
         } else {
-            let ping = redis::cmd("PING");
-            let _ =
-                tokio::time::timeout(settings.command_timeout, link.query::<String>(&ping)).await;
+            let _ = tokio::time::timeout(settings.command_timeout, link.ping()).await;
         }
         was_up = link.health.is_up();
         if !was_up {

@@ -429,45 +429,74 @@ impl Coordinator for RedisCoordinator {
             found = Empty
         );
         let tokens: Vec<String> = wants.iter().map(|_| self.new_token()).collect();
-        // The BI's cool-down, then one script per key: one pipeline on one
-        // server, side by side (each to its slot) in a cluster.
-        let mut commands = vec![redis::cmd("PTTL").arg(self.layout.cooldown()).to_owned()];
-        for (want, token) in wants.iter().zip(&tokens) {
-            commands.push(scripts::try_lead(
-                &self.layout,
-                &want.key,
-                token,
-                self.settings.lock_ttl,
-                want.replaces.as_deref(),
-            ));
-        }
-        let replies: Vec<Value> = match self
-            .link
-            .persist("lock", deadline, || self.link.coordinate_each(&commands))
-            .instrument(span.clone())
-            .await
-        {
-            Ok(replies) => replies,
-            Err(Trouble::Down) => {
-                return wants.iter().map(|want| self.uncoordinated(want)).collect();
-            }
-            Err(Trouble::Deadline) => {
-                let error =
-                    AnswerError::unavailable("Redis did not answer before the request's deadline");
-                return wants
-                    .iter()
-                    .map(|_| Decision::Failed(error.clone()))
-                    .collect();
-            }
-        };
-        let cooldown = replies.first().and_then(Self::cooldown_left);
+        let scripts: Vec<redis::Cmd> = wants
+            .iter()
+            .zip(&tokens)
+            .map(|(want, token)| {
+                scripts::try_lead(
+                    &self.layout,
+                    &want.key,
+                    token,
+                    self.settings.lock_ttl,
+                    want.replaces.as_deref(),
+                )
+            })
+            .collect();
+        let cooldown_pttl = redis::cmd("PTTL").arg(self.layout.cooldown()).to_owned();
+        // What each key's script answered, or why it did not.
+        let (cooldown, replies): (Option<Duration>, Vec<Result<Value, Trouble>>) =
+            if self.link.commands.is_cluster() {
+                // Each key on its own (to its slot's node, side by side): a
+                // shard that is down or refusing fails its own keys only, and
+                // the cool-down (one more slot) is read at best, never
+                // retried in their way.
+                let cooldown = async {
+                    let reply = tokio::time::timeout(
+                        self.settings.command_timeout,
+                        self.link.query::<Value>(&cooldown_pttl),
+                    );
+                    match reply.await {
+                        Ok(Ok(pttl)) => Self::cooldown_left(&pttl),
+                        _ => None,
+                    }
+                };
+                let each = futures_util::future::join_all(scripts.iter().map(|script| {
+                    self.link
+                        .persist("lock", deadline, || self.link.coordinate::<Value>(script))
+                }));
+                futures_util::future::join(cooldown, each)
+                    .instrument(span.clone())
+                    .await
+            } else {
+                // One server: the cool-down and every script in one pipeline.
+                let mut commands = vec![cooldown_pttl];
+                commands.extend(scripts);
+                match self
+                    .link
+                    .persist("lock", deadline, || self.link.coordinate_each(&commands))
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(mut replies) => {
+                        let cooldown = replies.first().and_then(Self::cooldown_left);
+                        let scripts = replies.split_off(1.min(replies.len()));
+                        (cooldown, scripts.into_iter().map(Ok).collect())
+                    }
+                    Err(trouble) => (None, wants.iter().map(|_| Err(trouble)).collect()),
+                }
+            };
+        let deadline_error =
+            AnswerError::unavailable("Redis did not answer before the request's deadline");
         let decisions: Vec<Decision> = wants
             .iter()
             .zip(tokens)
             .enumerate()
-            .map(|(i, (want, token))| {
-                let reply = replies.get(i + 1).and_then(scripts::parse_try_reply);
-                self.decide(want, token, reply, cooldown)
+            .map(|(i, (want, token))| match replies.get(i) {
+                Some(Ok(reply)) => {
+                    self.decide(want, token, scripts::parse_try_reply(reply), cooldown)
+                }
+                Some(Err(Trouble::Down)) => self.uncoordinated(want),
+                Some(Err(Trouble::Deadline)) | None => Decision::Failed(deadline_error.clone()),
             })
             .collect();
         let count = |f: fn(&Decision) -> bool| decisions.iter().filter(|d| f(d)).count() as i64;
