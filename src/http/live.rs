@@ -23,7 +23,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::BoxStream;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::Instant;
 
 use super::{AppState, check_limits};
@@ -36,6 +36,12 @@ use crate::telemetry::names;
 /// The close code of a refused or expired credential (graphql-ws's
 /// "Forbidden").
 const CLOSE_FORBIDDEN: u16 = 4403;
+
+/// How many bytes of frames are gathered before a write to the socket.
+const WRITE_BUFFER_BYTES: usize = 8 * 1024;
+
+/// Most messages gathered into one flush (the events ready at once).
+const MAX_BATCH: usize = 128;
 
 /// The largest message a client may send (a subscribe is one document).
 const MAX_CLIENT_MESSAGE_BYTES: usize = 256 * 1024;
@@ -58,8 +64,10 @@ pub(super) fn upgrade(state: Arc<AppState>, headers: &HeaderMap, ws: WebSocketUp
     };
     ws.protocols([protocol.sec_websocket_protocol()])
         .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
-        // Small buffers: a connection is mostly idle, and thousands are open.
-        .write_buffer_size(0)
+        // Frames are gathered up to this size before a write: the events of
+        // one refresh go out in a few writes, not one per subscription. Small:
+        // a connection is mostly idle, and thousands are open.
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| serve(state, socket, protocol))
 }
 
@@ -169,36 +177,59 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, protocol: Protocols) {
                 WsMessage::Close(CLOSE_FORBIDDEN, "the credential expired".to_owned())
             }
         };
-        let (message, last) = match message {
-            WsMessage::Text(text) => (Message::Text(text.into()), false),
-            WsMessage::Close(code, reason) => {
-                let code = if admission.refused.load(Ordering::Relaxed) {
-                    CLOSE_FORBIDDEN
-                } else {
-                    code
-                };
-                let frame = CloseFrame {
-                    code,
-                    reason: reason.into(),
-                };
-                (Message::Close(Some(frame)), true)
+        let (message, last) = frame(message, &admission);
+        // This message and every other one ready now, in one flush.
+        let send = async {
+            sink.feed(message).await?;
+            let mut last = last;
+            let mut batched = 1;
+            while !last && batched < MAX_BATCH {
+                match protocol_stream.next().now_or_never() {
+                    Some(Some(next)) => {
+                        let (next, is_last) = frame(next, &admission);
+                        sink.feed(next).await?;
+                        last = is_last;
+                        batched += 1;
+                    }
+                    Some(None) => last = true,
+                    None => break,
+                }
             }
+            sink.flush().await?;
+            Ok::<bool, axum::Error>(last)
         };
-        match tokio::time::timeout(send_timeout, sink.send(message)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => break,
+        match tokio::time::timeout(send_timeout, send).await {
+            Ok(Ok(false)) => {}
+            Ok(Ok(true)) | Ok(Err(_)) => break,
             Err(_) => {
                 metrics::counter!(names::LIVE_CLOSED, "reason" => "slow_consumer").increment(1);
                 tracing::info!("closed a live connection whose sends stayed blocked");
                 break;
             }
         }
-        if last {
-            break;
-        }
     }
     // Dropping the protocol's stream drops its subscriptions: their keys
     // forget them here.
+}
+
+/// The WebSocket frame of one protocol message, and whether it is the last
+/// (a close). A close after refused credentials is 4403.
+fn frame(message: WsMessage, admission: &Admission) -> (Message, bool) {
+    match message {
+        WsMessage::Text(text) => (Message::Text(text.into()), false),
+        WsMessage::Close(code, reason) => {
+            let code = if admission.refused.load(Ordering::Relaxed) {
+                CLOSE_FORBIDDEN
+            } else {
+                code
+            };
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            (Message::Close(Some(frame)), true)
+        }
+    }
 }
 
 /// The credentials of a `connection_init` payload, as HTTP headers (the
