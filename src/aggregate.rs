@@ -34,8 +34,8 @@ use crate::bi::protocol::CubeQuery;
 use crate::bi::{BiAnswer, BiClient, BiError, TokenScope};
 use crate::cache::{AnswerError, AnswerErrorKind, Cached, Entry, Lifetime, unix_micros};
 use crate::coalesce::{
-    Coordinator, Decision, FlightLead, Flights, Invalidations, Joined, Lease, Origin, Resolved,
-    Verdict, Waited, Want,
+    Coordinator, Decision, FlightLead, FlightWatch, Flights, Invalidations, Joined, Lease, Origin,
+    Resolved, Verdict, Waited, Want,
 };
 use crate::query::{AnswerScope, CacheKey, Granularity, PlannedQuery};
 use crate::telemetry::{self, names};
@@ -113,6 +113,8 @@ pub enum RefreshTrigger {
     Ahead,
     /// A read found the entry invalidated.
     Invalidation,
+    /// A live panel's interval is over.
+    Live,
 }
 
 impl RefreshTrigger {
@@ -121,6 +123,7 @@ impl RefreshTrigger {
             RefreshTrigger::Stale => "stale",
             RefreshTrigger::Ahead => "ahead",
             RefreshTrigger::Invalidation => "invalidation",
+            RefreshTrigger::Live => "live",
         }
     }
 }
@@ -367,14 +370,14 @@ impl Aggregator {
         }
     }
 
-    fn take_ahead_budget(&self) -> bool {
+    fn take_ahead_budget(&self, trigger: RefreshTrigger) -> bool {
         let minute = crate::cache::unix_millis() / 60_000;
         let mut budget = self.ahead_budget.lock().unwrap_or_else(|p| p.into_inner());
         if budget.0 != minute {
             *budget = (minute, 0);
         }
         if budget.1 >= self.settings.refresh.ahead_per_minute {
-            metrics::counter!(names::REFRESHES, "trigger" => "ahead", "outcome" => "over_budget")
+            metrics::counter!(names::REFRESHES, "trigger" => trigger.label(), "outcome" => "over_budget")
                 .increment(1);
             return false;
         }
@@ -382,21 +385,50 @@ impl Aggregator {
         true
     }
 
+    /// Refreshes `query`'s key for a live panel whose interval is over:
+    /// replacing the entry `replaces` (the one its subscribers have), or
+    /// producing it when there is none. The same protocol as every refresh,
+    /// so across instances only the holder of the key's lock calls the BI;
+    /// the others learn of its entry when it is stored.
+    ///
+    /// Returns the refresh's flight when this call started one: what it
+    /// stored (or found stored), or an error when it did not produce (another
+    /// instance holds the lock, the budget is spent, the BI failed).
+    pub fn refresh_live(
+        self: &Arc<Self>,
+        query: &PlannedQuery,
+        replaces: Option<&str>,
+    ) -> Option<FlightWatch> {
+        self.start_refresh(query, replaces, RefreshTrigger::Live)
+    }
+
     /// Starts one background refresh of `query`'s key, replacing `entry`,
     /// unless one is under way in this process or the last one failed
     /// moments ago. Across instances, the store's lock makes it one.
     fn refresh(self: &Arc<Self>, query: &PlannedQuery, entry: &Entry, trigger: RefreshTrigger) {
+        self.start_refresh(query, Some(&entry.id), trigger);
+    }
+
+    fn start_refresh(
+        self: &Arc<Self>,
+        query: &PlannedQuery,
+        replaces: Option<&str>,
+        trigger: RefreshTrigger,
+    ) -> Option<FlightWatch> {
         if self.refresh_failed.contains_key(&query.key) {
-            return;
+            return None;
         }
         let deadline = Instant::now() + self.settings.refresh.timeout;
-        let Joined::Lead(lead, _) = self.refreshes.join(&query.key, deadline) else {
-            return;
+        let Joined::Lead(lead, watch) = self.refreshes.join(&query.key, deadline) else {
+            return None;
         };
         // Only a refresh that starts spends the budget (not the reads of a
-        // key whose refresh is already under way).
-        if trigger == RefreshTrigger::Ahead && !self.take_ahead_budget() {
-            return;
+        // key whose refresh is already under way). A live panel's refresh is
+        // one ahead of any reader's need: it spends the same budget.
+        if matches!(trigger, RefreshTrigger::Ahead | RefreshTrigger::Live)
+            && !self.take_ahead_budget(trigger)
+        {
+            return None;
         }
         // Its own trace, linked from the request that caused it: a refresh
         // belongs to no request.
@@ -412,12 +444,13 @@ impl Aggregator {
         let pending = vec![Pending {
             query: query.clone(),
             flight: lead,
-            replaces: Some(entry.id.clone()),
+            replaces: replaces.map(str::to_owned),
             takeover: false,
             refresh: Some(trigger),
         }];
         let this = Arc::clone(self);
         tokio::spawn(async move { this.produce(pending).await }.instrument(span));
+        Some(watch)
     }
 
     /// The coalescing protocol for the flights this process leads: **try,

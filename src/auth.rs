@@ -45,6 +45,10 @@ pub struct Caller {
     pub id: String,
     pub customers: Customers,
     pub quota_per_minute: Option<u64>,
+    /// When the credential stops being valid (a JWT's `exp`, in seconds
+    /// since the Unix epoch); `None` for API keys, which do not expire. A
+    /// long-lived connection (a live panel's WebSocket) is closed then.
+    pub expires_at: Option<u64>,
 }
 
 /// What one request's credentials came to.
@@ -86,6 +90,15 @@ impl Identity {
                 }
             },
             Identity::Unauthenticated(_) => "unauthenticated".to_owned(),
+        }
+    }
+
+    /// When this identity's credential expires (seconds since the Unix
+    /// epoch), if it does.
+    pub fn expires_at(&self) -> Option<u64> {
+        match self {
+            Identity::Authenticated(caller) => caller.expires_at,
+            _ => None,
         }
     }
 
@@ -276,6 +289,8 @@ impl JwtVerifier {
             id: format!("jwt:{subject}"),
             customers,
             quota_per_minute: self.quota_per_minute,
+            // Required and checked above: a number.
+            expires_at: claims.get("exp").and_then(serde_json::Value::as_u64),
         })
     }
 }
@@ -346,6 +361,7 @@ fn load_api_keys(path: &str) -> Result<HashMap<String, Caller>, AuthSetupError> 
                 id: format!("key:{}", entry.name),
                 customers,
                 quota_per_minute: entry.quota_per_minute,
+                expires_at: None,
             },
         );
     }
@@ -405,12 +421,14 @@ mod tests {
 
     #[test]
     fn a_valid_token_names_its_customers() {
+        let exp = now() + 60;
         let identity = identify(&token(
-            serde_json::json!({"sub": "u1", "exp": now() + 60, "customers": ["acme"]}),
+            serde_json::json!({"sub": "u1", "exp": exp, "customers": ["acme"]}),
             SECRET,
         ));
         assert!(identity.may_query("acme").is_ok());
         assert_eq!(identity.may_query("globex"), Err(AccessError::Forbidden));
+        assert_eq!(identity.expires_at(), Some(exp as u64));
     }
 
     #[test]

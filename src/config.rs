@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::live::LiveSettings;
+
 /// Every setting is a flag and an environment variable; `--help` lists them.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "analytics-gateway", version, about)]
@@ -113,6 +115,30 @@ pub struct Cli {
     /// keys are left to stale-while-revalidate.
     #[arg(long, env = "REFRESH_MAX_PER_MINUTE", default_value_t = 600)]
     pub refresh_max_per_minute: u32,
+
+    /// The shortest refresh interval of a live panel (`aggregateLive`'s
+    /// `everySeconds`, and what applies without it).
+    #[arg(long, env = "LIVE_MIN_INTERVAL_SECS", default_value_t = 10)]
+    pub live_min_interval_secs: u64,
+
+    /// Most live subscriptions open on one instance; past it, a subscribe
+    /// is refused (`TOO_MANY_SUBSCRIPTIONS`).
+    #[arg(long, env = "LIVE_MAX_SUBSCRIPTIONS", default_value_t = 50_000)]
+    pub live_max_subscriptions: usize,
+
+    /// Most live subscriptions on one WebSocket connection; past it, a
+    /// subscribe is refused (`TOO_MANY_SUBSCRIPTIONS`).
+    #[arg(
+        long,
+        env = "LIVE_MAX_SUBSCRIPTIONS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub live_max_subscriptions_per_connection: usize,
+
+    /// How long a send to a live connection may stay blocked (a client that
+    /// does not read) before the connection is closed.
+    #[arg(long, env = "LIVE_SEND_TIMEOUT_SECS", default_value_t = 10)]
+    pub live_send_timeout_secs: u64,
 
     /// Bearer token of the `/admin/*` routes (cache invalidation); unset
     /// means those routes answer 404.
@@ -400,6 +426,8 @@ pub struct Config {
     pub graphiql: bool,
     /// Added to the wall clock (tests only; see `Cli::clock_offset_ms`).
     pub clock_offset_ms: i64,
+    /// Live panels (`LIVE_*`).
+    pub live: LiveSettings,
 }
 
 /// Where the BI is.
@@ -756,6 +784,8 @@ impl Config {
             positive("REDIS_DOWN_AFTER_MS", down_after)?;
         }
         positive("REQUEST_TIMEOUT_SECS", cli.request_timeout_secs)?;
+        positive("LIVE_MIN_INTERVAL_SECS", cli.live_min_interval_secs)?;
+        positive("LIVE_SEND_TIMEOUT_SECS", cli.live_send_timeout_secs)?;
         positive("MAX_DATE_RANGE_DAYS", u64::from(cli.max_date_range_days))?;
         positive("MAX_MEASURES", cli.max_measures as u64)?;
         positive(
@@ -927,6 +957,13 @@ impl Config {
                 .map(AdminToken),
             graphiql: cli.graphiql,
             clock_offset_ms: cli.clock_offset_ms,
+            live: LiveSettings {
+                min_interval: Duration::from_secs(cli.live_min_interval_secs),
+                max_subscriptions: cli.live_max_subscriptions,
+                max_per_connection: cli.live_max_subscriptions_per_connection,
+                send_timeout: Duration::from_secs(cli.live_send_timeout_secs),
+                first_answer_timeout: Duration::from_secs(cli.request_timeout_secs),
+            },
         })
     }
 

@@ -7,6 +7,7 @@
 //! - [`cubes`]: each cube's time dimension and customer member (`BI_CUBES_FILE`).
 //! - [`graphql`]: schema, resolvers, the per-request dataloader, error codes.
 //! - [`aggregate`]: lookups, in-process flights, BI batches: the request flow.
+//! - [`live`]: live panels (`aggregateLive`): one refresh per key per interval.
 //! - [`coalesce`]: who produces each key (in-process flights, coordinators).
 //! - [`cache`]: entries, remembered errors, the in-memory store.
 //! - [`bi`]: the Cube protocol and its HTTP client.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod cubes;
 pub mod graphql;
 pub mod http;
+pub mod live;
 pub mod query;
 pub mod readiness;
 pub mod sim;
@@ -201,6 +203,13 @@ pub async fn run(
     // is served: a member the BI lacks stops the start, naming it. A BI that
     // cannot be reached now does not (the fleet must start while it is
     // away); the mapping is checked whenever the catalog arrives.
+    let live = live::Live::new(
+        Arc::clone(&aggregator),
+        backend.announcements,
+        config.instance_id.clone(),
+        config.live.clone(),
+    );
+
     let catalog = Arc::new(CatalogStore::new(Arc::clone(&config.query.cubes)));
     match bi
         .meta_within(START_CATALOG_TIMEOUT.min(config.bi_client.timeout))
@@ -268,6 +277,7 @@ pub async fn run(
         catalog,
         bi: bi.clone(),
         trace_customer_ids: config.telemetry.trace_customer_ids,
+        live: Arc::clone(&live),
     };
     let schema = graphql::build_schema(context.clone(), &config.graphql, true);
     let schema_without_suggestions = graphql::build_schema(context.clone(), &config.graphql, false);
@@ -291,6 +301,7 @@ pub async fn run(
         documents: http::DocumentCache::default(),
         operations: http::OperationNames::default(),
         readiness: Arc::clone(&readiness),
+        live,
         graphiql: config.graphiql.then(|| {
             Arc::new(http::GraphiqlPage::new(match &config.auth {
                 None => http::CredentialHint::None,

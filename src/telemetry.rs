@@ -56,6 +56,12 @@ pub mod names {
     pub const REFRESHES: &str = "analytics_gateway_cache_refreshes_total";
     pub const STALE_SERVES: &str = "analytics_gateway_cache_stale_serves_total";
     pub const INVALIDATIONS: &str = "analytics_gateway_cache_invalidations_total";
+    pub const LIVE_KEYS: &str = "analytics_gateway_live_keys";
+    pub const LIVE_SUBSCRIBERS: &str = "analytics_gateway_live_subscribers";
+    pub const LIVE_REFRESHES: &str = "analytics_gateway_live_refreshes_total";
+    pub const LIVE_EVENTS: &str = "analytics_gateway_live_events_total";
+    pub const LIVE_REFUSALS: &str = "analytics_gateway_live_refusals_total";
+    pub const LIVE_CLOSED: &str = "analytics_gateway_live_connections_closed_total";
     pub const RESPONSE_CACHE: &str = "analytics_gateway_response_cache_total";
 
     /// `outcome` of one HTTP request to the BI: `ok`, or why it was not
@@ -87,7 +93,7 @@ pub mod names {
     /// `trigger` of a refresh: a read found the entry past its fresh time
     /// (`stale`) or invalidated (`invalidation`), or a hot entry was nearly
     /// stale (`ahead`).
-    pub const REFRESH_TRIGGERS: &[&str] = &["stale", "ahead", "invalidation"];
+    pub const REFRESH_TRIGGERS: &[&str] = &["stale", "ahead", "invalidation", "live"];
     /// `outcome` of a refresh: `ok` (its BI call), `error` (its BI call
     /// failed), `elsewhere` (another instance refreshed it, or is),
     /// `remembered_error` (a recent failure is remembered), `over_budget`
@@ -105,6 +111,12 @@ pub mod names {
     pub const REDIS_MODES: &[&str] = &["single", "cluster", "sentinel"];
     /// `mode` of an invalidation.
     pub const INVALIDATION_MODES: &[&str] = &["stale", "evict"];
+    /// `reason` a live subscription was refused: past
+    /// `LIVE_MAX_SUBSCRIPTIONS_PER_CONNECTION` or `LIVE_MAX_SUBSCRIPTIONS`.
+    pub const LIVE_REFUSAL_REASONS: &[&str] = &["connection", "instance"];
+    /// `reason` the gateway closed a live connection: its credential
+    /// expired, or its sends stayed blocked (a client that does not read).
+    pub const LIVE_CLOSE_REASONS: &[&str] = &["expired", "slow_consumer"];
     /// `outcome` of a look in the cache of whole responses: `served` (the
     /// stored response went out), `outdated` (an entry behind it changed or
     /// is no longer fresh: executed again), `stored` (a response kept).
@@ -311,6 +323,38 @@ pub const METRICS: &[MetricInfo] = {
             "Invalidations received on POST /admin/invalidate, by mode",
         )
         .labels(&[("mode", INVALIDATION_MODES)]),
+        metric(
+            LIVE_KEYS,
+            Gauge,
+            "Cache keys with live subscribers on this instance",
+        ),
+        metric(
+            LIVE_SUBSCRIBERS,
+            Gauge,
+            "Live subscriptions (aggregateLive) open on this instance",
+        ),
+        metric(
+            LIVE_REFRESHES,
+            Counter,
+            "Refreshes of live keys this instance triggered when they were due (the BI is called by whichever instance wins the key's lock)",
+        ),
+        metric(
+            LIVE_EVENTS,
+            Counter,
+            "Live events sent to subscribers (rows that changed)",
+        ),
+        metric(
+            LIVE_REFUSALS,
+            Counter,
+            "Live subscriptions refused past a limit, by reason",
+        )
+        .labels(&[("reason", LIVE_REFUSAL_REASONS)]),
+        metric(
+            LIVE_CLOSED,
+            Counter,
+            "Live connections the gateway closed, by reason",
+        )
+        .labels(&[("reason", LIVE_CLOSE_REASONS)]),
         metric(
             RESPONSE_CACHE,
             Counter,

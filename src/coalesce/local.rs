@@ -5,13 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::{
-    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, DocumentStore, InvalidationMode,
-    InvalidationScope, Invalidations, Invalidator, Lease, LeaseKind, LocalCounters, StoreHealth,
-    StoreUnavailable, Waited, Want,
+    Announcements, Coordinator, CoordinatorStatus, Counters, Deadline, Decision, DocumentStore,
+    Following, InvalidationMode, InvalidationScope, Invalidations, Invalidator, Lease, LeaseKind,
+    LocalCounters, StoreHealth, StoreUnavailable, Waited, Want,
 };
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::query::CacheKey;
@@ -31,7 +31,13 @@ pub struct LocalCoordinator {
     invalidations: Arc<Invalidations>,
     /// The last invalidation generation handed out.
     generation: std::sync::atomic::AtomicU64,
+    /// The followed keys, each with the last answer stored for it.
+    followers: Followers,
 }
+
+/// Followed keys: the last answer stored for each (a watch keeps only the
+/// latest, so a slow follower costs no memory).
+type Followers = Arc<Mutex<HashMap<CacheKey, watch::Sender<Option<Cached>>>>>;
 
 impl LocalCoordinator {
     pub fn new(max_bytes: u64, negative_ttl: Duration) -> LocalCoordinator {
@@ -43,6 +49,15 @@ impl LocalCoordinator {
             counters: LocalCounters::default(),
             invalidations: Arc::default(),
             generation: std::sync::atomic::AtomicU64::new(0),
+            followers: Followers::default(),
+        }
+    }
+
+    /// Tells the followers of `key` (if any) what was just stored for it.
+    fn announce(&self, key: &CacheKey, cached: Cached) {
+        let followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(followers) = followers.get(key) {
+            followers.send_replace(Some(cached));
         }
     }
 }
@@ -130,14 +145,16 @@ impl Coordinator for LocalCoordinator {
 
     async fn fill(&self, lease: Lease, entry: Arc<Entry>) {
         self.errors.remove(&lease.key);
-        self.values.insert(lease.key, Cached::Value(entry));
+        self.values
+            .insert(lease.key.clone(), Cached::Value(Arc::clone(&entry)));
+        self.announce(&lease.key, Cached::Value(entry));
     }
 
     async fn fail(&self, lease: Lease, error: AnswerError) {
         // A stale entry a failed refresh leaves stays servable beside it.
-        let negative = NegativeEntry::new(error, self.negative_ttl);
-        self.errors
-            .insert(lease.key, Cached::Error(Arc::new(negative)));
+        let negative = Cached::Error(Arc::new(NegativeEntry::new(error, self.negative_ttl)));
+        self.errors.insert(lease.key.clone(), negative.clone());
+        self.announce(&lease.key, negative);
     }
 
     async fn abandon(&self, _lease: Lease) {}
@@ -163,6 +180,57 @@ impl Drop for Producing {
             .remove(&self.key);
         if let Some(done) = done {
             done.notify_waiters();
+        }
+    }
+}
+
+#[async_trait]
+impl Announcements for LocalCoordinator {
+    async fn follow(&self, key: &CacheKey) -> Box<dyn Following> {
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        let stored = followers
+            .entry(key.clone())
+            .or_insert_with(|| watch::channel(None).0);
+        Box::new(LocalFollowing {
+            key: key.clone(),
+            stored: stored.subscribe(),
+            followers: Arc::clone(&self.followers),
+        })
+    }
+}
+
+/// One follower of a key in this process; the key is forgotten with its
+/// last follower.
+struct LocalFollowing {
+    key: CacheKey,
+    stored: watch::Receiver<Option<Cached>>,
+    followers: Followers,
+}
+
+#[async_trait]
+impl Following for LocalFollowing {
+    async fn next(&mut self) -> Cached {
+        loop {
+            if self.stored.changed().await.is_err() {
+                // The sender lives as long as a follower does: unreachable.
+                std::future::pending::<()>().await;
+            }
+            if let Some(cached) = self.stored.borrow_and_update().clone() {
+                return cached;
+            }
+        }
+    }
+}
+
+impl Drop for LocalFollowing {
+    fn drop(&mut self) {
+        let mut followers = self.followers.lock().unwrap_or_else(|p| p.into_inner());
+        // This receiver is still counted: it is the last when it is alone.
+        if followers
+            .get(&self.key)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            followers.remove(&self.key);
         }
     }
 }

@@ -162,6 +162,26 @@ pub trait Coordinator: Send + Sync + 'static {
     async fn cool_down(&self, period: Duration);
 }
 
+/// Answers as they are stored for a key, by this process or, with a shared
+/// store, by any instance: how a live panel learns of a refresh another
+/// instance made without asking the store again.
+#[async_trait]
+pub trait Announcements: Send + Sync + 'static {
+    /// Starts following `key`: [`Following::next`] gives each answer stored
+    /// for it from now on, until the [`Following`] is dropped.
+    async fn follow(&self, key: &CacheKey) -> Box<dyn Following>;
+}
+
+/// The answers stored for one followed key.
+#[async_trait]
+pub trait Following: Send {
+    /// The next answer stored for the key (an entry, or a remembered
+    /// failure); waits for it. Where announcements may have been missed (a
+    /// reconnection to the store), it is what the store holds then. An
+    /// answer may come more than once: callers compare entry ids.
+    async fn next(&mut self) -> Cached;
+}
+
 /// The store is unreachable for an operation that needs it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("the shared store is unavailable")]
@@ -204,19 +224,21 @@ pub trait StoreHealth: Send + Sync + 'static {
 
 /// The capabilities of one backend, handed out separately: the aggregator
 /// gets the coordinator, the dataloader the counters, the HTTP layer the
-/// health, the invalidator and the persisted documents.
+/// health, the invalidator and the persisted documents, live panels the
+/// announcements.
 pub struct Backend {
     pub coordinator: Arc<dyn Coordinator>,
     pub counters: Arc<dyn Counters>,
     pub health: Arc<dyn StoreHealth>,
     pub invalidator: Arc<dyn Invalidator>,
     pub documents: Arc<dyn DocumentStore>,
+    pub announcements: Arc<dyn Announcements>,
 }
 
 impl Backend {
     pub fn of<T>(backend: T) -> Backend
     where
-        T: Coordinator + Counters + StoreHealth + Invalidator + DocumentStore,
+        T: Coordinator + Counters + StoreHealth + Invalidator + DocumentStore + Announcements,
     {
         let backend = Arc::new(backend);
         Backend {
@@ -224,7 +246,8 @@ impl Backend {
             counters: Arc::clone(&backend) as Arc<dyn Counters>,
             health: Arc::clone(&backend) as Arc<dyn StoreHealth>,
             invalidator: Arc::clone(&backend) as Arc<dyn Invalidator>,
-            documents: backend,
+            documents: Arc::clone(&backend) as Arc<dyn DocumentStore>,
+            announcements: backend,
         }
     }
 }

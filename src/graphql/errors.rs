@@ -4,6 +4,7 @@ use async_graphql::ErrorExtensions;
 
 use crate::auth::AccessError;
 use crate::cache::{AnswerError, AnswerErrorKind};
+use crate::live::LiveRefusal;
 use crate::query::InputError;
 
 /// The codes of the contract, plus those for documents refused before execution.
@@ -23,6 +24,9 @@ pub enum ErrorCode {
     /// The request is not one this gateway can run (not GraphQL, a bad
     /// persisted-query extension, ...).
     BadRequest,
+    /// A live subscription past `LIVE_MAX_SUBSCRIPTIONS_PER_CONNECTION` or
+    /// `LIVE_MAX_SUBSCRIPTIONS`.
+    TooManySubscriptions,
 }
 
 impl ErrorCode {
@@ -40,6 +44,7 @@ impl ErrorCode {
             ErrorCode::QueryTooComplex => "QUERY_TOO_COMPLEX",
             ErrorCode::PersistedQueryNotFound => "PERSISTED_QUERY_NOT_FOUND",
             ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
         }
     }
 }
@@ -53,6 +58,8 @@ pub enum ResolverError {
     Answer(#[from] AnswerError),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error(transparent)]
+    Live(#[from] LiveRefusal),
 }
 
 impl ErrorExtensions for ResolverError {
@@ -67,6 +74,9 @@ impl ErrorExtensions for ResolverError {
                 AccessError::Forbidden.to_string(),
                 None,
             ),
+            ResolverError::Live(refusal) => {
+                (ErrorCode::TooManySubscriptions, refusal.to_string(), None)
+            }
             ResolverError::Answer(answer) => {
                 let code = match answer.kind {
                     AnswerErrorKind::BiError => ErrorCode::BiError,

@@ -5,25 +5,27 @@ use std::sync::{Arc, Mutex};
 
 use async_graphql::dataloader::DataLoader;
 use async_graphql::{
-    Context, EmptyMutation, EmptySubscription, Enum, ErrorExtensions, InputObject,
-    InputValueResult, Object, Scalar, ScalarType, Schema, SimpleObject,
+    Context, EmptyMutation, Enum, ErrorExtensions, InputObject, InputValueResult, Object, Scalar,
+    ScalarType, Schema, SimpleObject, Subscription,
 };
+use futures_util::{Stream, StreamExt};
 
 use super::errors::ResolverError;
 use super::loader::AggregateLoader;
 use crate::aggregate::{Aggregator, Answer, CacheStatus, ServedEntry};
-use crate::auth::{AccessError, Identity};
+use crate::auth::{AccessError, AuthError, Identity};
 use crate::bi::BiClient;
 use crate::bi::protocol::MetaMember;
 use crate::cache::{AnswerError, unix_millis};
 use crate::catalog::{Catalog, CatalogStore};
 use crate::config::{GraphqlLimits, QueryLimits};
+use crate::live::{ConnectionSubscriptions, Live};
 use crate::query::{
     AggregateQuery, PlannedQuery, Planner, RawAggregate, RawFilter, RawOptions, RawOrder,
 };
 use crate::telemetry;
 
-pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
+pub type GatewaySchema = Schema<QueryRoot, EmptyMutation, SubscriptionRoot>;
 
 /// What the answers of one request were like, gathered by the resolvers
 /// for the HTTP layer: whether any was produced without cross-instance
@@ -108,6 +110,8 @@ pub struct SchemaContext {
     pub bi: BiClient,
     /// Whether customer ids may go into span attributes (they can be personal data).
     pub trace_customer_ids: bool,
+    /// The live keys of `aggregateLive`.
+    pub live: Arc<Live>,
 }
 
 /// The served schema; `suggestions: false` drops "did you mean" hints from
@@ -117,7 +121,7 @@ pub fn build_schema(
     limits: &GraphqlLimits,
     suggestions: bool,
 ) -> GatewaySchema {
-    let builder = Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
+    let builder = Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot)
         .data(context)
         // No `limit_depth`: async-graphql would count introspection's own
         // nesting, which refuses GraphiQL's standard introspection query.
@@ -135,12 +139,53 @@ pub fn build_schema(
 
 /// The SDL of the served schema, for `schema.graphql`.
 pub fn schema_sdl() -> String {
-    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
+    Schema::build(QueryRoot, EmptyMutation, SubscriptionRoot)
         .finish()
         .sdl()
 }
 
 pub struct QueryRoot;
+
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// One panel, live (over WebSocket, `graphql-transport-ws`): the first
+    /// event at once, then one each time a refresh brings different rows.
+    /// The panel is refreshed every `everySeconds` (at least, and by
+    /// default, the gateway's LIVE_MIN_INTERVAL_SECS), once for every
+    /// instance and subscriber; the shortest interval any subscriber of the
+    /// panel asks for applies to all.
+    async fn aggregate_live(
+        &self,
+        ctx: &Context<'_>,
+        input: AggregateInput,
+        every_seconds: Option<i32>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<AggregateResult>> + use<>>
+    {
+        let shared = ctx.data::<SchemaContext>()?;
+        let (query, planned) = plan_input(ctx, shared, &input)?;
+        let connection = ctx
+            .data_opt::<ConnectionSubscriptions>()
+            .cloned()
+            .unwrap_or_default();
+        let key = planned.key.short().to_owned();
+        let limit = query.limit();
+        let interval = shared.live.interval(every_seconds);
+        let subscription = shared
+            .live
+            .subscribe(planned, interval, &connection)
+            .map_err(|refusal| ResolverError::from(refusal).extend())?;
+        Ok(subscription.events().map(move |event| match &event.answer {
+            Ok(answer) => Ok(AggregateResult {
+                answer: answer.clone(),
+                key: key.clone(),
+                limit,
+            }),
+            Err(error) => Err(ResolverError::from(error.clone()).extend()),
+        }))
+    }
+}
 
 /// One panel's question.
 #[derive(Debug, InputObject)]
@@ -241,53 +286,7 @@ impl QueryRoot {
         input: AggregateInput,
     ) -> async_graphql::Result<AggregateResult> {
         let shared = ctx.data::<SchemaContext>()?;
-        let identity = ctx.data_opt::<Identity>().unwrap_or(&Identity::Open);
-        // Who is asking is settled before anything else, the cache included.
-        if let Identity::Unauthenticated(err) = identity {
-            return Err(ResolverError::from(AccessError::Unauthenticated(err.clone())).extend());
-        }
-        let catalog = shared.catalog.get();
-        let query = AggregateQuery::parse_with(
-            RawAggregate {
-                customer: &input.customer,
-                from: &input.date_range.from,
-                to: &input.date_range.to,
-                measures: &input.measures,
-                dimensions: input.dimensions.as_deref().unwrap_or_default(),
-                granularity: input.granularity.map(Into::into),
-            },
-            RawOptions {
-                filters: input
-                    .filters
-                    .iter()
-                    .flatten()
-                    .map(|f| RawFilter {
-                        member: &f.member,
-                        operator: f.operator.into(),
-                        values: f.values.as_deref().unwrap_or_default(),
-                    })
-                    .collect(),
-                order: input
-                    .order
-                    .iter()
-                    .flatten()
-                    .map(|o| RawOrder {
-                        member: &o.member,
-                        direction: o.direction.into(),
-                    })
-                    .collect(),
-                limit: input.limit.map(i64::from),
-                offset: input.offset.map(i64::from),
-                timezone: input.timezone.as_deref(),
-            },
-            &shared.limits,
-            catalog.as_deref(),
-        )
-        .map_err(|err| ResolverError::from(err).extend())?;
-        identity
-            .may_query(query.customer())
-            .map_err(|err| ResolverError::from(err).extend())?;
-        let planned = shared.planner.plan(&query);
+        let (query, planned) = plan_input(ctx, shared, &input)?;
 
         // Answers already in process memory skip the dataloader's batch window.
         let answer = match shared.aggregator.peek(&planned) {
@@ -338,6 +337,73 @@ impl QueryRoot {
             .map_err(|err| ResolverError::Answer(crate::aggregate::answer_error(&err)).extend())?;
         Ok(CatalogView(catalog))
     }
+}
+
+/// Who asks and what: `input` validated into an `AggregateQuery` (once) and
+/// planned, after the caller's identity and its access to the customer are
+/// settled (before anything else, the cache included).
+fn plan_input(
+    ctx: &Context<'_>,
+    shared: &SchemaContext,
+    input: &AggregateInput,
+) -> async_graphql::Result<(AggregateQuery, PlannedQuery)> {
+    let identity = ctx.data_opt::<Identity>().unwrap_or(&Identity::Open);
+    // Who is asking is settled before anything else, the cache included.
+    if let Identity::Unauthenticated(err) = identity {
+        return Err(ResolverError::from(AccessError::Unauthenticated(err.clone())).extend());
+    }
+    // A WebSocket's identity was settled at its `connection_init`: a JWT
+    // that has expired since is no credential for a new subscription.
+    if identity
+        .expires_at()
+        .is_some_and(|exp| exp.saturating_mul(1000) <= unix_millis())
+    {
+        let expired = AuthError::InvalidToken("the token has expired".into());
+        return Err(ResolverError::from(AccessError::Unauthenticated(expired)).extend());
+    }
+    let catalog = shared.catalog.get();
+    let query = AggregateQuery::parse_with(
+        RawAggregate {
+            customer: &input.customer,
+            from: &input.date_range.from,
+            to: &input.date_range.to,
+            measures: &input.measures,
+            dimensions: input.dimensions.as_deref().unwrap_or_default(),
+            granularity: input.granularity.map(Into::into),
+        },
+        RawOptions {
+            filters: input
+                .filters
+                .iter()
+                .flatten()
+                .map(|f| RawFilter {
+                    member: &f.member,
+                    operator: f.operator.into(),
+                    values: f.values.as_deref().unwrap_or_default(),
+                })
+                .collect(),
+            order: input
+                .order
+                .iter()
+                .flatten()
+                .map(|o| RawOrder {
+                    member: &o.member,
+                    direction: o.direction.into(),
+                })
+                .collect(),
+            limit: input.limit.map(i64::from),
+            offset: input.offset.map(i64::from),
+            timezone: input.timezone.as_deref(),
+        },
+        &shared.limits,
+        catalog.as_deref(),
+    )
+    .map_err(|err| ResolverError::from(err).extend())?;
+    identity
+        .may_query(query.customer())
+        .map_err(|err| ResolverError::from(err).extend())?;
+    let planned = shared.planner.plan(&query);
+    Ok((query, planned))
 }
 
 /// One `aggregate` answer.

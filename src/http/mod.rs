@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_graphql::dataloader::DataLoader;
 use async_graphql::parser::types::ExecutableDocument;
 use axum::body::Bytes;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -36,6 +37,7 @@ mod admin;
 mod body_limit;
 mod caching;
 mod graphiql;
+mod live;
 mod media;
 mod persisted;
 mod responses;
@@ -73,6 +75,8 @@ pub struct AppState {
     pub operations: OperationNames,
     /// The process's phase and the BI's last probe, for `/readyz`.
     pub readiness: Arc<Readiness>,
+    /// Live panels (the WebSocket transport reads its settings).
+    pub live: Arc<crate::live::Live>,
     /// `None` (`GRAPHIQL=false`): browsers get what other GET clients get,
     /// and the page's files are not served.
     pub graphiql: Option<Arc<GraphiqlPage>>,
@@ -317,8 +321,13 @@ fn csrf_check(state: &AppState, headers: &HeaderMap) -> Option<Response> {
 async fn graphql_get(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    // A GraphQL WebSocket (live panels) on the same path.
+    if let Ok(upgrade) = upgrade {
+        return live::upgrade(state, &headers, upgrade);
+    }
     let wants_html = headers
         .get(header::ACCEPT)
         .and_then(|accept| accept.to_str().ok())

@@ -2,9 +2,11 @@
 //! Cube queries (single and data-blending batches) over them.
 //!
 //! Every fact is derived from its coordinates (customer, day, region, product)
-//! by a small stable hash, so every `bi-sim` process, and the simulator
-//! embedded in every gateway instance, returns the same rows for the same
-//! query, forever. Money is kept in integer cents, so sums are exact and a
+//! and the data version by a small stable hash, so every `bi-sim` process, and
+//! the simulator embedded in every gateway instance, returns the same rows for
+//! the same query and version, forever. Version 0 is the data a simulator
+//! starts with; a test moves to another (`POST /_sim/data-version`) to make
+//! the numbers change, as new orders would. Money is kept in integer cents, so sums are exact and a
 //! total always equals the sum of its buckets.
 //!
 //! One line (a customer's orders of one product in one region on one UTC
@@ -48,9 +50,15 @@ pub const BLEND_WITHOUT_GRANULARITY: &str =
     "Data blending query without granularity is not supported";
 pub const BLEND_GRANULARITIES_MISMATCH: &str = "Data blending query granularities must match";
 
-/// The rows `/load` returns for `query` asked alone, or why it is rejected.
+/// The rows `/load` returns for `query` asked alone at data version 0 (the
+/// data a simulator starts with), or why it is rejected.
 pub fn answer(query: &CubeQuery) -> Result<Vec<Row>, String> {
-    Plan::parse(query).map(|plan| plan.run())
+    answer_at(query, 0)
+}
+
+/// The rows `/load` returns for `query` asked alone at data `version`.
+pub fn answer_at(query: &CubeQuery, version: u64) -> Result<Vec<Row>, String> {
+    Plan::parse(query).map(|plan| plan.run(version))
 }
 
 /// The rows of every query of a data-blending batch, by position, or the one
@@ -59,13 +67,13 @@ pub fn answer(query: &CubeQuery) -> Result<Vec<Row>, String> {
 /// Blending rules are checked before any query is evaluated, as Cube does, and
 /// every row carries the extra `time.<granularity>` key that Cube adds to
 /// batched answers.
-pub fn answer_batch(queries: &[CubeQuery]) -> Result<Vec<Vec<Row>>, String> {
+pub fn answer_batch(queries: &[CubeQuery], version: u64) -> Result<Vec<Vec<Row>>, String> {
     let granularity = blending_granularity(queries)?;
     let time_key = format!("time.{granularity}");
     queries
         .iter()
         .map(|query| {
-            let mut rows = answer(query)?;
+            let mut rows = answer_at(query, version)?;
             let bucket_key = query
                 .time_dimensions
                 .first()
@@ -336,7 +344,7 @@ impl Plan {
         })
     }
 
-    fn run(&self) -> Vec<Row> {
+    fn run(&self, version: u64) -> Vec<Row> {
         // Keyed by (bucket, dimension values in query order): the BTreeMap's
         // order is the default row order, time first, then dimension values.
         let mut groups: BTreeMap<GroupKey<'_>, Totals> = BTreeMap::new();
@@ -363,7 +371,7 @@ impl Plan {
                                 Coordinate::Customer => customer.as_str(),
                             })
                             .collect::<Vec<_>>();
-                        let line = Line::new(customer, day, region, product);
+                        let line = Line::new(customer, day, region, product, version);
                         if self.window.by_lines() {
                             let bucket = self.window.granularity.map(|g| {
                                 bucket_start(g, day.and_hms_opt(0, 0, 0).unwrap_or_default())
@@ -716,20 +724,28 @@ struct Line<'a> {
 }
 
 impl<'a> Line<'a> {
-    fn new(customer: &'a str, day: NaiveDate, region: &'a str, product: &'a str) -> Line<'a> {
+    fn new(
+        customer: &'a str,
+        day: NaiveDate,
+        region: &'a str,
+        product: &'a str,
+        version: u64,
+    ) -> Line<'a> {
         let day = day.num_days_from_ce();
         let parts = [customer.as_bytes(), region.as_bytes(), product.as_bytes()];
         // The zero bytes separate the parts so that ("ab", "c") and ("a", "bc")
-        // hash differently.
-        let hash = fnv1a(&[
-            parts[0],
-            &[0],
-            &day.to_le_bytes(),
-            &[0],
-            parts[1],
-            &[0],
-            parts[2],
-        ]);
+        // hash differently. Version 0 adds nothing, so its data is the data
+        // the simulator always had.
+        let day_bytes = day.to_le_bytes();
+        let version_bytes = version.to_le_bytes();
+        let coordinates: [&[u8]; 7] = [parts[0], &[0], &day_bytes, &[0], parts[1], &[0], parts[2]];
+        let versioned: &[&[u8]] = if version == 0 {
+            &[]
+        } else {
+            &[&[0], &version_bytes]
+        };
+        let all: Vec<&[u8]> = coordinates.iter().chain(versioned).copied().collect();
+        let hash = fnv1a(&all);
         let orders = 1 + hash % 20;
         Line {
             parts,
@@ -902,6 +918,36 @@ mod tests {
         for key in ["Sales.revenue", "Sales.orders"] {
             assert_eq!(sum(&fine, key), sum(&rows(&total), key));
             assert_eq!(sum(&rows(&by_region), key), sum(&rows(&total), key));
+        }
+    }
+
+    /// Another data version changes the numbers, deterministically, and
+    /// keeps the shape; version 0 is the data the simulator always served.
+    #[test]
+    fn data_versions_change_the_numbers_and_only_them() {
+        let q = query(
+            &MEASURES,
+            &["Sales.region"],
+            ["2025-01-01", "2025-01-07"],
+            Some("day"),
+        );
+        let first = answer_at(&q, 0).expect("valid");
+        assert_eq!(first, rows(&q));
+        let second = answer_at(&q, 1).expect("valid");
+        assert_ne!(first, second, "version 1 has other numbers");
+        assert_eq!(
+            second,
+            answer_at(&q, 1).expect("valid"),
+            "and always the same ones"
+        );
+        assert_ne!(second, answer_at(&q, 2).expect("valid"));
+        let keys = |rows: &[Row]| -> Vec<Vec<String>> {
+            rows.iter().map(|r| r.keys().cloned().collect()).collect()
+        };
+        assert_eq!(keys(&first), keys(&second), "the same rows and members");
+        for (a, b) in first.iter().zip(&second) {
+            assert_eq!(a["Sales.region"], b["Sales.region"]);
+            assert_eq!(a["Sales.date"], b["Sales.date"]);
         }
     }
 
@@ -1102,7 +1148,7 @@ mod tests {
         let totals = query(&["Sales.orders"], &[], range, None);
 
         let err = |queries: &[CubeQuery]| {
-            answer_batch(queries).expect_err("the batch breaks a blending rule")
+            answer_batch(queries, 0).expect_err("the batch breaks a blending rule")
         };
         assert_eq!(
             err(&[totals.clone(), totals.clone()]),
@@ -1118,10 +1164,10 @@ mod tests {
 
         // One bad query fails the whole batch.
         let unknown = query(&["Sales.nope"], &[], range, Some("day"));
-        assert!(answer_batch(&[daily.clone(), unknown]).is_err());
+        assert!(answer_batch(&[daily.clone(), unknown], 0).is_err());
 
         let by_region = query(&["Sales.revenue"], &["Sales.region"], range, Some("day"));
-        let batch = answer_batch(&[daily.clone(), by_region.clone()]).expect("same granularity");
+        let batch = answer_batch(&[daily.clone(), by_region.clone()], 0).expect("same granularity");
         assert_eq!(batch.len(), 2);
         for (batched, alone) in batch.iter().zip([&daily, &by_region]) {
             let mut stripped = batched.clone();

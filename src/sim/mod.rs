@@ -4,8 +4,9 @@
 //! queries, and `GET /meta`) under any path prefix, for a `Sales` and a
 //! `Returns` cube, after a configurable latency, and counts every call it
 //! receives so tests can prove what the gateway did (or did not) send.
-//! Control routes under `/_sim/` read the counters, reset them and inject
-//! faults. With a secret, it checks the security context of every token as a
+//! Control routes under `/_sim/` read the counters, reset them, inject
+//! faults and move the data to another version (new numbers, as if orders
+//! came in). With a secret, it checks the security context of every token as a
 //! tenant-enforcing Cube would.
 //!
 //! The same simulator runs as the `bi-sim` binary and embedded in the gateway
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::bi::protocol::CubeQuery;
-pub use data::answer;
+pub use data::{answer, answer_at};
 use faults::{Fault, Faults, FaultsUpdate};
 /// The simulator's `GET /meta` answer: its cubes and their typed members.
 pub use schema::meta;
@@ -76,6 +77,13 @@ struct State {
     tokens: BTreeSet<(String, String)>,
 }
 
+/// The body of `POST /_sim/data-version`, and its answer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DataVersion {
+    pub version: u64,
+}
+
 /// What the simulator has received since it started or was last reset.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -95,6 +103,9 @@ pub struct SimStats {
     pub last_traceparent: Option<String>,
     /// The largest number of queries seen in one request.
     pub max_batch_size: u64,
+    /// The version of the data `/load` answers from (0 at start and after a
+    /// reset): each version has its own deterministic numbers.
+    pub data_version: u64,
     /// In the security-context mode: how many different tokens each
     /// customer's requests carried.
     #[serde(default)]
@@ -158,14 +169,20 @@ impl Simulator {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Moves `/load` answers to data `version` from the next request on.
+    pub fn set_data_version(&self, version: u64) {
+        self.lock().stats.data_version = version;
+    }
+
     /// Counts one `/load` request carrying `queries` (none if its body could
-    /// not be read) and remembers its headers.
+    /// not be read) and remembers its headers. Returns the data version the
+    /// request is answered from.
     fn record_load(
         &self,
         queries: &[CubeQuery],
         authorization: Option<String>,
         traceparent: Option<String>,
-    ) {
+    ) -> u64 {
         let mut state = self.lock();
         let stats = &mut state.stats;
         let batch = u64::try_from(queries.len()).unwrap_or(u64::MAX);
@@ -177,6 +194,7 @@ impl Simulator {
         }
         stats.last_authorization = authorization;
         stats.last_traceparent = traceparent;
+        stats.data_version
     }
 
     /// In the security-context mode, checks the request's token against its
@@ -236,8 +254,9 @@ impl Simulator {
         Ok(state.faults.clone())
     }
 
-    /// Zeroes the counters, clears the faults and restores the configured
-    /// latency: back to the state right after [`Simulator::new`].
+    /// Zeroes the counters, clears the faults, restores the configured
+    /// latency and data version 0: back to the state right after
+    /// [`Simulator::new`].
     fn reset(&self) {
         let mut state = self.lock();
         state.stats = SimStats::default();

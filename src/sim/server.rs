@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::faults::{Fault, FaultsUpdate};
-use super::{Simulator, data, schema};
+use super::{DataVersion, Simulator, data, schema};
 use crate::bi::protocol::{CONTINUE_WAIT, CubeQuery, LoadRequest, Row};
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -27,6 +27,7 @@ pub fn router(sim: Simulator) -> Router {
         .route("/_sim/stats", get(stats))
         .route("/_sim/reset", post(reset))
         .route("/_sim/faults", get(faults).post(set_faults))
+        .route("/_sim/data-version", post(set_data_version))
         .fallback(cube_api)
         .with_state(sim)
 }
@@ -75,6 +76,18 @@ async fn set_faults(State(sim): State<Simulator>, body: Bytes) -> Result<Respons
     Ok(Json(faults).into_response())
 }
 
+/// Moves the data to another version: `/load` answers from it from the next
+/// request on (a request already waiting out its latency keeps its version).
+async fn set_data_version(State(sim): State<Simulator>, body: Bytes) -> Result<Response, ApiError> {
+    let update: DataVersion = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "invalid data-version body (want {{\"version\": N}}): {e}"
+        ))
+    })?;
+    sim.set_data_version(update.version);
+    Ok(Json(update).into_response())
+}
+
 /// Dispatches the Cube API on the path's last segment, whatever its prefix.
 async fn cube_api(
     State(sim): State<Simulator>,
@@ -118,7 +131,7 @@ async fn load(sim: &Simulator, headers: &HeaderMap, body: &[u8]) -> Response {
         Err(_) => &[],
     };
     let authorization = header_text(&header::AUTHORIZATION);
-    sim.record_load(queries, authorization.clone(), header_text(&TRACEPARENT));
+    let version = sim.record_load(queries, authorization.clone(), header_text(&TRACEPARENT));
     // As Cube's auth middleware: before any work, and never echoing the token.
     let checked = match &request {
         Ok(_) => sim.check_security(authorization.as_deref(), queries),
@@ -152,7 +165,7 @@ async fn load(sim: &Simulator, headers: &HeaderMap, body: &[u8]) -> Response {
         }
         None => {
             tokio::time::sleep(latency).await;
-            evaluate(request).await.unwrap_or_else(|error| {
+            evaluate(request, version).await.unwrap_or_else(|error| {
                 tracing::debug!(error = %error.message, "bi-sim rejected a /load request");
                 error.into_response()
             })
@@ -200,16 +213,16 @@ struct BlendingAnswer {
 /// Evaluates the request's queries off the async workers: a long range over
 /// many customers is a few hundred milliseconds of CPU, which must not stall
 /// other connections.
-async fn evaluate(request: LoadRequest) -> Result<Response, ApiError> {
+async fn evaluate(request: LoadRequest, version: u64) -> Result<Response, ApiError> {
     let work = tokio::task::spawn_blocking(move || -> Result<Response, String> {
         match request {
             LoadRequest::Single { query } => {
-                let data = data::answer(&query)?;
+                let data = data::answer_at(&query, version)?;
                 let query = data::normalise(&query);
                 Ok(Json(Answer { query, data }).into_response())
             }
             LoadRequest::Multi { query: queries, .. } => {
-                let rows = data::answer_batch(&queries)?;
+                let rows = data::answer_batch(&queries, version)?;
                 let results = queries
                     .iter()
                     .zip(rows)
@@ -420,6 +433,36 @@ mod tests {
         let (status, _, body) = post(&url, &load).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body["data"].is_array());
+    }
+
+    /// `POST /_sim/data-version` moves `/load` to another version's numbers,
+    /// `/_sim/stats` reports it, and a reset goes back to version 0.
+    #[tokio::test]
+    async fn the_data_version_changes_the_answers_until_a_reset() {
+        let (base, sim) = start().await;
+        let q = query(None);
+        let cube: CubeQuery = serde_json::from_value(q.clone()).expect("a CubeQuery");
+        let load = json!({"query": q});
+        let url = format!("{base}/load");
+        let (_, _, body) = post(&url, &load).await;
+        assert_eq!(
+            body["data"],
+            json!(data::answer_at(&cube, 0).expect("valid"))
+        );
+
+        let (status, _, body) =
+            post(&format!("{base}/_sim/data-version"), &json!({"version": 3})).await;
+        assert_eq!((status, &body), (StatusCode::OK, &json!({"version": 3})));
+        let (_, _, body) = post(&url, &load).await;
+        let changed = json!(data::answer_at(&cube, 3).expect("valid"));
+        assert_eq!(body["data"], changed);
+        assert_ne!(changed, json!(data::answer_at(&cube, 0).expect("valid")));
+        assert_eq!(sim.stats().data_version, 3);
+
+        let (status, _, _) = post(&format!("{base}/_sim/data-version"), &json!({"v": 1})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        sim.reset();
+        assert_eq!(sim.stats().data_version, 0);
     }
 
     /// Unreadable bodies and bad queries get 400 with a JSON error, and are

@@ -17,6 +17,7 @@ mod graphiql;
 mod graphql_http;
 mod http;
 mod introspection;
+mod live;
 mod metrics_docs;
 mod metrics_format;
 mod minted_tokens;

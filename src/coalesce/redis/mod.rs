@@ -6,6 +6,7 @@
 //! - [`health`]: Redis is down only after a lock lifetime without one
 //!   successful command; until then failed commands are retried.
 //! - [`subscriptions`]: the one pub/sub connection and its waiters.
+//! - [`following`]: the in-process copies, and followers of a key's answers.
 //!
 //! This file puts them together: a try for the lead of several keys (their
 //! lookup too) is one pipeline of one script per key, plus the BI's
@@ -14,6 +15,7 @@
 //! correctness.
 
 mod connection;
+mod following;
 mod health;
 mod keys;
 mod scripts;
@@ -31,15 +33,16 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use self::connection::Commands;
+use self::following::{Copies, RedisFollowing};
 use self::health::{Backoff, Health, Link, PingerSettings, Trouble};
 use self::keys::KeyLayout;
 use self::scripts::{AbortOnDrop, SettleReply, Settling, TryReply};
 use self::subscriptions::Subscriptions;
 use super::invalidation::ScopeGenerations;
 use super::{
-    Coordinator, CoordinatorStatus, Counters, Deadline, Decision, DocumentStore, InvalidationMode,
-    InvalidationScope, Invalidations, Invalidator, Lease, LeaseKind, LocalCounters, StoreHealth,
-    StoreUnavailable, Waited, Want,
+    Announcements, Coordinator, CoordinatorStatus, Counters, Deadline, Decision, DocumentStore,
+    Following, InvalidationMode, InvalidationScope, Invalidations, Invalidator, Lease, LeaseKind,
+    LocalCounters, StoreHealth, StoreUnavailable, Waited, Want,
 };
 use crate::cache::{AnswerError, Cached, Entry, MemoryCache, NegativeEntry};
 use crate::config::RedisDeployment;
@@ -82,12 +85,8 @@ pub struct RedisCoordinator {
     link: Link,
     layout: KeyLayout,
     subscriptions: Arc<Subscriptions>,
-    /// The in-process copy (L1) of entries: hits while Redis is up (when
-    /// allowed), and everything this process knows while Redis is down.
-    memory: MemoryCache,
-    /// Failures remembered in process, served only while Redis is down
-    /// (while it is up, Redis is asked: a paid answer may replace them).
-    errors: MemoryCache,
+    /// The in-process copies (L1) of entries and remembered failures.
+    copies: Copies,
     /// Counters while Redis is down: per instance, better than none.
     counters: LocalCounters,
     invalidations: Arc<Invalidations>,
@@ -165,8 +164,12 @@ impl RedisCoordinator {
             link,
             layout,
             subscriptions,
-            memory: MemoryCache::new(settings.memory_max_bytes),
-            errors: MemoryCache::new(settings.memory_max_bytes / 16 + 1),
+            copies: Copies {
+                memory: MemoryCache::new(settings.memory_max_bytes),
+                errors: MemoryCache::new(settings.memory_max_bytes / 16 + 1),
+                value_ttl: settings.value_ttl,
+                negative_ttl: settings.negative_ttl,
+            },
             counters: LocalCounters::default(),
             invalidations,
             tasks: vec![subscriber_task, pinger_task, invalidations_task],
@@ -188,35 +191,12 @@ impl RedisCoordinator {
         )
     }
 
-    /// Reads an entry found in Redis (and keeps the in-process copy);
-    /// `None` for an unreadable one.
     fn found_value(&self, key: &CacheKey, payload: &[u8], pttl: i64) -> Option<Cached> {
-        let time_left = scripts::time_left(pttl, self.settings.value_ttl)?;
-        match store::decode_value(payload, time_left) {
-            Ok(cached) => {
-                self.memory.insert(key.clone(), cached.clone());
-                Some(cached)
-            }
-            Err(err) => {
-                tracing::warn!(key = key.short(), error = %err, "unreadable cache entry ignored");
-                None
-            }
-        }
+        self.copies.found_value(key, payload, pttl)
     }
 
-    /// Reads a failure remembered in Redis; `None` for an unreadable one.
     fn found_error(&self, key: &CacheKey, payload: &[u8], pttl: i64) -> Option<Cached> {
-        let time_left = scripts::time_left(pttl, self.settings.negative_ttl)?;
-        match store::decode_error(payload, time_left) {
-            Ok(cached) => {
-                self.errors.insert(key.clone(), cached.clone());
-                Some(cached)
-            }
-            Err(err) => {
-                tracing::warn!(key = key.short(), error = %err, "unreadable remembered error ignored");
-                None
-            }
-        }
+        self.copies.found_error(key, payload, pttl)
     }
 
     /// Reads a settle's `done` message (what it stored, for how long).
@@ -312,10 +292,10 @@ impl RedisCoordinator {
         }
         match settling {
             Settling::Value => {
-                self.errors.remove(&lease.key);
-                self.memory.insert(lease.key, cached);
+                self.copies.errors.remove(&lease.key);
+                self.copies.memory.insert(lease.key, cached);
             }
-            Settling::Error => self.errors.insert(lease.key, cached),
+            Settling::Error => self.copies.errors.insert(lease.key, cached),
         }
     }
 
@@ -418,12 +398,16 @@ impl RedisCoordinator {
 impl Coordinator for RedisCoordinator {
     fn peek(&self, key: &CacheKey) -> Option<Cached> {
         if !self.health().is_up() {
-            return self.memory.get(key).or_else(|| self.errors.get(key));
+            return self
+                .copies
+                .memory
+                .get(key)
+                .or_else(|| self.copies.errors.get(key));
         }
         // While Redis is up, a remembered error is read from Redis: a paid
         // answer may have replaced it there (a leader whose lock had gone).
         if self.settings.local_cache {
-            self.memory.get(key)
+            self.copies.memory.get(key)
         } else {
             None
         }
@@ -664,6 +648,33 @@ impl Coordinator for RedisCoordinator {
                 self.link.coordinate::<()>(&command)
             })
             .await;
+    }
+}
+
+#[async_trait]
+impl Announcements for RedisCoordinator {
+    async fn follow(&self, key: &CacheKey) -> Box<dyn Following> {
+        // The channels a wait of the key uses: a waiter that comes while the
+        // key is followed shares them, keyspace notifications included.
+        let channels = self
+            .layout
+            .channels(key, self.health().keyspace_notifications());
+        // Redis's confirmation is waited for a lock lifetime at most: while
+        // Redis is unreachable the subscription is made when it is back (and
+        // the follower woken then), and the live key must not wait for it.
+        let (watch, confirm) = self.subscriptions.register(key, channels);
+        if let Some(confirm) = confirm {
+            let _ = tokio::time::timeout(self.settings.lock_ttl, confirm).await;
+        }
+        Box::new(RedisFollowing {
+            key: key.clone(),
+            watch,
+            link: self.link.clone(),
+            layout: self.layout.clone(),
+            copies: self.copies.clone(),
+            last_done: None,
+            last_id: None,
+        })
     }
 }
 

@@ -103,6 +103,20 @@ impl Subscriptions {
     /// Registers a waiter for `key` and, for the first one, subscribes to
     /// `channels` and waits for Redis to confirm (bound it by a deadline).
     pub(super) async fn watch(self: &Arc<Self>, key: &CacheKey, channels: Vec<String>) -> KeyWatch {
+        let (watch, confirm) = self.register(key, channels);
+        if let Some(confirm) = confirm {
+            let _ = confirm.await;
+        }
+        watch
+    }
+
+    /// Registers a waiter for `key` (the first one subscribes to `channels`);
+    /// the receiver, for the first one, says when Redis confirmed.
+    pub(super) fn register(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        channels: Vec<String>,
+    ) -> (KeyWatch, Option<oneshot::Receiver<()>>) {
         let hash = key.as_str().to_owned();
         let (wake, confirm) = {
             let mut by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
@@ -134,10 +148,7 @@ impl Subscriptions {
             wake,
             subscriptions: Arc::clone(self),
         };
-        if let Some(confirm) = confirm {
-            let _ = confirm.await;
-        }
-        watch
+        (watch, confirm)
     }
 
     /// The channels `hash` is waited on through now (none: not waited on).

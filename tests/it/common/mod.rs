@@ -30,6 +30,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod deployments;
+pub mod live;
 mod proxy;
 mod redis;
 pub use self::deployments::{RedisCluster, RedisSentinels, SENTINEL_MASTER};
@@ -149,6 +150,13 @@ impl Sim {
     /// Injects faults (`POST /_sim/faults`), like `{"continueWait": 3}`.
     pub async fn faults(&self, faults: Value) {
         self.control("faults", Some(faults)).await;
+    }
+
+    /// Moves the BI's data to `version` (`POST /_sim/data-version`): new
+    /// numbers from the next `/load` on.
+    pub async fn set_data_version(&self, version: u64) {
+        self.control("data-version", Some(json!({ "version": version })))
+            .await;
     }
 
     async fn control(&self, route: &str, body: Option<Value>) {
@@ -966,8 +974,13 @@ pub fn expected_rows_for(input: &Value) -> Value {
 /// Like [`expected_rows_for`], for a gateway with `config` (a cubes file,
 /// minted tokens): filters, order, limit, offset and timezone included.
 pub fn expected_rows_with(config: &Config, input: &Value) -> Value {
+    expected_rows_at(config, input, 0)
+}
+
+/// Like [`expected_rows_with`], at bi-sim's data `version`.
+pub fn expected_rows_at(config: &Config, input: &Value, version: u64) -> Value {
     let planned = plan_with(config, input);
-    let rows = sim::answer(&planned.cube).expect("bi-sim answers the planned query");
+    let rows = sim::answer_at(&planned.cube, version).expect("bi-sim answers the planned query");
     serde_json::to_value(rows).expect("rows are JSON")
 }
 
