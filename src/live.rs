@@ -283,16 +283,23 @@ impl Live {
         };
         let mut current: Option<Arc<Entry>> = first.as_ref().ok().map(|a| Arc::clone(&a.entry));
         publish(&state, first);
-        // No refresh is asked for again before this (a refresh that brought
-        // nothing: refused, failed, or made elsewhere without an announcement
-        // reaching us yet).
-        let mut not_before = Instant::now();
+        // When this instance last asked for a refresh: none is asked for
+        // again before the (current) interval has passed since (a refresh
+        // that brought nothing: refused, failed, or made elsewhere without
+        // an announcement reaching us yet).
+        let mut last_asked: Option<Instant> = None;
+        // An entry the store holds that is older than `current` (one stored
+        // before an outage, while this instance's refreshes stayed in
+        // process): the next refresh must replace that one, or it would find
+        // it and stop there, interval after interval.
+        let mut stored_older: Option<String> = None;
         // The refresh this instance started last, if it is still under way:
         // its outcome brings the entry even where no announcement does (Redis
         // unreachable, degraded mode).
         let mut refreshing: Option<BoxFuture<'static, Result<Resolved, AnswerError>>> = None;
         loop {
             let interval = state.interval().unwrap_or(self.settings.min_interval);
+            let not_before = last_asked.map_or_else(Instant::now, |at| at + interval);
             let due = current
                 .as_deref()
                 .map_or(not_before, |entry| due_at(entry, interval))
@@ -307,11 +314,13 @@ impl Live {
                 outcome = refreshed => {
                     refreshing = None;
                     if let Ok(resolved) = outcome {
-                        self.take_entry(&state, &mut current, resolved.entry);
+                        self.take_entry(&state, &mut current, &mut stored_older, resolved.entry);
                     }
                 }
                 cached = following.next() => match cached {
-                    Cached::Value(entry) => self.take_entry(&state, &mut current, entry),
+                    Cached::Value(entry) => {
+                        self.take_entry(&state, &mut current, &mut stored_older, entry);
+                    }
                     // A failed refresh leaves the entry the subscribers have:
                     // they keep it. Without one, they learn of the failure.
                     Cached::Error(negative) if current.is_none() => {
@@ -321,11 +330,13 @@ impl Live {
                 },
                 () = tokio::time::sleep_until(due) => {
                     metrics::counter!(names::LIVE_REFRESHES).increment(1);
-                    let replaces = current.as_deref().map(|entry| entry.id.as_str());
+                    let replaces = stored_older
+                        .as_deref()
+                        .or(current.as_deref().map(|entry| entry.id.as_str()));
                     if let Some(watch) = self.aggregator.refresh_live(&query, replaces) {
                         refreshing = Some(watch.outcome().boxed());
                     }
-                    not_before = Instant::now() + interval;
+                    last_asked = Some(Instant::now());
                 }
                 () = state.intervals_changed.notified() => {}
             }
@@ -335,14 +346,30 @@ impl Live {
 
 impl Live {
     /// Makes `entry` the key's current one and tells the subscribers, unless
-    /// it is the current one already or older.
-    fn take_entry(&self, state: &LiveKey, current: &mut Option<Arc<Entry>>, entry: Arc<Entry>) {
-        let newer = current
-            .as_ref()
-            .is_none_or(|c| c.id != entry.id && entry.produced_at_us >= c.produced_at_us);
+    /// it is the current one already or older. An older one is what the
+    /// store holds: remembered in `stored_older`, for the next refresh to
+    /// replace.
+    fn take_entry(
+        &self,
+        state: &LiveKey,
+        current: &mut Option<Arc<Entry>>,
+        stored_older: &mut Option<String>,
+        entry: Arc<Entry>,
+    ) {
+        let (newer, same) = match current.as_ref() {
+            None => (true, false),
+            Some(c) => (
+                c.id != entry.id && entry.produced_at_us >= c.produced_at_us,
+                c.id == entry.id,
+            ),
+        };
         if !newer {
+            if !same {
+                *stored_older = Some(entry.id.clone());
+            }
             return;
         }
+        *stored_older = None;
         *current = Some(Arc::clone(&entry));
         let status = if entry.producer == self.instance_id {
             CacheStatus::Miss
@@ -372,14 +399,14 @@ fn due_at(entry: &Entry, interval: Duration) -> Instant {
 }
 
 /// Sends `answer` to the key's subscribers unless it shows what they have.
+/// It replaces the latest event either way, so that a subscriber who comes
+/// later gets the newest `cache` facts (`producedAt`, `stale`) with the rows.
 fn publish(state: &LiveKey, answer: AnswerResult) {
     let digest = digest(&answer);
     state.latest.send_if_modified(|latest| {
-        if latest.as_ref().is_some_and(|event| event.digest == digest) {
-            return false;
-        }
+        let changed = latest.as_ref().is_none_or(|event| event.digest != digest);
         *latest = Some(Arc::new(LiveEvent { answer, digest }));
-        true
+        changed
     });
 }
 

@@ -116,7 +116,8 @@ pub mod names {
     pub const LIVE_REFUSAL_REASONS: &[&str] = &["connection", "instance"];
     /// `reason` the gateway closed a live connection: its credential
     /// expired, or its sends stayed blocked (a client that does not read).
-    pub const LIVE_CLOSE_REASONS: &[&str] = &["expired", "slow_consumer"];
+    pub const LIVE_CLOSE_REASONS: &[&str] =
+        &["expired", "slow_consumer", "unresponsive", "init_timeout"];
     /// `outcome` of a look in the cache of whole responses: `served` (the
     /// stored response went out), `outdated` (an entry behind it changed or
     /// is no longer fresh: executed again), `stored` (a response kept).

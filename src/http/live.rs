@@ -37,6 +37,9 @@ use crate::telemetry::names;
 /// "Forbidden").
 const CLOSE_FORBIDDEN: u16 = 4403;
 
+/// graphql-transport-ws's close for a `connection_init` that did not come in time.
+const CLOSE_INIT_TIMEOUT: u16 = 4408;
+
 /// How many bytes of frames are gathered before a write to the socket.
 const WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
@@ -111,15 +114,23 @@ impl Executor for LiveExecutor {
 struct Admission {
     /// The credential was refused: the protocol's close is 4403.
     refused: AtomicBool,
+    /// `connection_init` came (accepted or refused).
+    initialised: AtomicBool,
     /// When the credential expires (seconds since the Unix epoch).
     expires_at: Mutex<Option<u64>>,
 }
 
 async fn serve(state: Arc<AppState>, socket: WebSocket, protocol: Protocols) {
     let (mut sink, stream) = socket.split();
+    // When the client last sent anything, pongs included: a peer that went
+    // away without closing (power, a NAT mapping gone) is found by this, not
+    // by a failed write (nothing is written while the rows do not change).
+    let heard = Arc::new(Mutex::new(Instant::now()));
+    let heard_in = Arc::clone(&heard);
     let input = stream
         .take_while(|message| std::future::ready(message.is_ok()))
-        .filter_map(|message| {
+        .filter_map(move |message| {
+            *heard_in.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
             std::future::ready(match message {
                 Ok(Message::Text(text)) => Some(axum::body::Bytes::from(text)),
                 Ok(Message::Binary(bytes)) => Some(bytes),
@@ -136,6 +147,7 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, protocol: Protocols) {
                     None => Identity::Open,
                     Some(authenticator) => authenticator.identify(&credentials(&payload)),
                 };
+                admitted.initialised.store(true, Ordering::Relaxed);
                 if let Identity::Unauthenticated(err) = &identity {
                     admitted.refused.store(true, Ordering::Relaxed);
                     return Err(async_graphql::Error::new(err.to_string()));
@@ -150,6 +162,11 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, protocol: Protocols) {
                 Ok(data)
             });
     let send_timeout = state.live.settings().send_timeout;
+    // A ping every send timeout; a client silent for three of them (no pong)
+    // is gone. `connection_init` must come within the first answer's time.
+    let mut pings = tokio::time::interval_at(Instant::now() + send_timeout, send_timeout);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let init_deadline = Instant::now() + state.live.settings().first_answer_timeout;
     loop {
         let expires_at = *admission
             .expires_at
@@ -175,6 +192,25 @@ async fn serve(state: Arc<AppState>, socket: WebSocket, protocol: Protocols) {
             () = expiry => {
                 metrics::counter!(names::LIVE_CLOSED, "reason" => "expired").increment(1);
                 WsMessage::Close(CLOSE_FORBIDDEN, "the credential expired".to_owned())
+            }
+            () = tokio::time::sleep_until(init_deadline),
+                if !admission.initialised.load(Ordering::Relaxed) =>
+            {
+                metrics::counter!(names::LIVE_CLOSED, "reason" => "init_timeout").increment(1);
+                WsMessage::Close(CLOSE_INIT_TIMEOUT, "connection_init did not come in time".to_owned())
+            }
+            _ = pings.tick() => {
+                let silent = heard.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+                if silent > send_timeout * 3 {
+                    metrics::counter!(names::LIVE_CLOSED, "reason" => "unresponsive").increment(1);
+                    tracing::info!("closed a live connection whose client stopped answering pings");
+                    break;
+                }
+                let ping = sink.send(Message::Ping(axum::body::Bytes::new()));
+                match tokio::time::timeout(send_timeout, ping).await {
+                    Ok(Ok(())) => continue,
+                    _ => break,
+                }
             }
         };
         let (message, last) = frame(message, &admission);

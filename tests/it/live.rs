@@ -520,3 +520,88 @@ async fn a_live_panel_without_redis_gets_its_changes() {
         "MISS"
     );
 }
+
+/// A connection that never sends `connection_init` is closed with
+/// graphql-transport-ws's 4408 once the first answer's time is over; one
+/// whose client stops answering pings (a peer gone without a close: power,
+/// a NAT mapping) is closed after three send timeouts, though nothing was
+/// written to it: its subscriptions do not live on.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_are_closed() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let env = TestEnv::start(
+        TestOptions::default()
+            .latency_ms(50)
+            .env("REQUEST_TIMEOUT_SECS", 2)
+            .env("LIVE_SEND_TIMEOUT_SECS", 1)
+            .env("LIVE_MIN_INTERVAL_SECS", 1),
+    )
+    .await;
+    let gateway = env.gateway();
+    let url = gateway.url().replacen("http://", "ws://", 1) + "/graphql";
+    let mut request = url.into_client_request().expect("a WebSocket request");
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        "graphql-transport-ws".parse().expect("a header value"),
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the WebSocket upgrade");
+    let started = std::time::Instant::now();
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), socket.next()).await {
+            Ok(Some(Ok(Message::Close(Some(frame))))) => break u16::from(frame.code),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close within 10 s: {other:?}"),
+        }
+    };
+    assert_eq!(code, 4408);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A subscriber whose socket is never read again answers no ping.
+    let before = env.sim.stats().queries;
+    let tcp = stalled_subscriber(gateway, &panels()[0], 1).await;
+    let metrics = || async {
+        let text = gateway
+            .get("/metrics")
+            .await
+            .text()
+            .await
+            .unwrap_or_default();
+        crate::common::metric(
+            &text,
+            "analytics_gateway_live_connections_closed_total",
+            &[("reason", "unresponsive")],
+        )
+        .unwrap_or(0.0)
+            + crate::common::metric(
+                &text,
+                "analytics_gateway_live_connections_closed_total",
+                &[("reason", "slow_consumer")],
+            )
+            .unwrap_or(0.0)
+    };
+    crate::common::wait_until(
+        Duration::from_secs(10),
+        "the silent connection to be closed",
+        || async { metrics().await >= 1.0 },
+    )
+    .await;
+    // Its key is not refreshed any more (one interval of slack).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let settled = env.sim.stats().queries;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        env.sim.stats().queries,
+        settled,
+        "refreshed after its connection closed"
+    );
+    assert!(settled > before);
+    drop(tcp);
+}
