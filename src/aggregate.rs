@@ -424,10 +424,10 @@ impl Aggregator {
         };
         // Only a refresh that starts spends the budget (not the reads of a
         // key whose refresh is already under way). A live panel's refresh is
-        // one ahead of any reader's need: it spends the same budget.
-        if matches!(trigger, RefreshTrigger::Ahead | RefreshTrigger::Live)
-            && !self.take_ahead_budget(trigger)
-        {
+        // one ahead of any reader's need: it spends the same budget, but only
+        // on the instance that wins the key's lock (every instance with
+        // subscribers asks; one calls the BI).
+        if trigger == RefreshTrigger::Ahead && !self.take_ahead_budget(trigger) {
             return None;
         }
         // Its own trace, linked from the request that caused it: a refresh
@@ -481,6 +481,15 @@ impl Aggregator {
                     let mut won = Vec::new();
                     for (key, decision) in decided {
                         match decision {
+                            Decision::Lead(lease)
+                                if key.refresh == Some(RefreshTrigger::Live)
+                                    && !self.take_ahead_budget(RefreshTrigger::Live) =>
+                            {
+                                // Past the budget: the lock given back at
+                                // once, the subscribers keep their rows.
+                                let coordinator = Arc::clone(&self.coordinator);
+                                tokio::spawn(async move { coordinator.abandon(lease).await });
+                            }
                             Decision::Lead(lease) => {
                                 if key.takeover {
                                     tracing::info!(

@@ -206,6 +206,7 @@ pub async fn run(
     let live = live::Live::new(
         Arc::clone(&aggregator),
         backend.announcements,
+        Arc::clone(&backend.counters),
         config.instance_id.clone(),
         config.live.clone(),
     );

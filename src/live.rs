@@ -38,7 +38,7 @@ use tracing::Instrument;
 
 use crate::aggregate::{Aggregator, Answer, AnswerResult, CacheStatus};
 use crate::cache::{AnswerError, Cached, Entry, unix_micros};
-use crate::coalesce::{Announcements, Resolved};
+use crate::coalesce::{Announcements, Counters, Resolved};
 use crate::query::{CacheKey, PlannedQuery};
 use crate::telemetry::names;
 
@@ -92,6 +92,9 @@ type Latest = Option<Arc<LiveEvent>>;
 pub struct Live {
     aggregator: Arc<Aggregator>,
     announcements: Arc<dyn Announcements>,
+    /// Where quotas are counted: a subscription to a key new to this
+    /// instance may cost a BI query, counted as one.
+    counters: Arc<dyn Counters>,
     instance_id: String,
     settings: LiveSettings,
     keys: Mutex<HashMap<CacheKey, Arc<LiveKey>>>,
@@ -171,12 +174,14 @@ impl Live {
     pub fn new(
         aggregator: Arc<Aggregator>,
         announcements: Arc<dyn Announcements>,
+        counters: Arc<dyn Counters>,
         instance_id: String,
         settings: LiveSettings,
     ) -> Arc<Live> {
         Arc::new(Live {
             aggregator,
             announcements,
+            counters,
             instance_id,
             settings,
             keys: Mutex::default(),
@@ -186,6 +191,20 @@ impl Live {
 
     pub fn settings(&self) -> &LiveSettings {
         &self.settings
+    }
+
+    /// Where quotas are counted.
+    pub fn counters(&self) -> &Arc<dyn Counters> {
+        &self.counters
+    }
+
+    /// Whether `key` is live on this instance already (a subscription to it
+    /// costs no BI query of its own).
+    pub fn is_live(&self, key: &CacheKey) -> bool {
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(key)
     }
 
     /// The interval a subscription asking for `every_seconds` gets: at least

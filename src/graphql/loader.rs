@@ -65,22 +65,31 @@ impl AggregateLoader {
     /// Counts the batch against the caller's quota (every key not answered
     /// from process memory may cost a BI query); `Err` once it is spent.
     async fn spend_quota(&self, queries: usize) -> Result<(), AnswerError> {
-        let Some((caller, quota)) = self.identity.quota() else {
-            return Ok(());
-        };
-        let (spent, window_left) = self
-            .counters
-            .count(&format!("quota:{caller}"), queries as u64, QUOTA_WINDOW)
-            .await;
-        if spent <= quota {
-            return Ok(());
-        }
-        Err(AnswerError {
-            kind: AnswerErrorKind::RateLimited,
-            message: format!("this credential's quota of {quota} BI queries per minute is spent"),
-            retry_after_secs: Some(window_left.as_secs().max(1)),
-        })
+        spend_quota(self.counters.as_ref(), &self.identity, queries).await
     }
+}
+
+/// Counts `queries` BI queries against `identity`'s quota (shared by all
+/// instances with Redis); `Err` (`RATE_LIMITED`) once it is spent.
+pub async fn spend_quota(
+    counters: &dyn Counters,
+    identity: &Identity,
+    queries: usize,
+) -> Result<(), AnswerError> {
+    let Some((caller, quota)) = identity.quota() else {
+        return Ok(());
+    };
+    let (spent, window_left) = counters
+        .count(&format!("quota:{caller}"), queries as u64, QUOTA_WINDOW)
+        .await;
+    if spent <= quota {
+        return Ok(());
+    }
+    Err(AnswerError {
+        kind: AnswerErrorKind::RateLimited,
+        message: format!("this credential's quota of {quota} BI queries per minute is spent"),
+        retry_after_secs: Some(window_left.as_secs().max(1)),
+    })
 }
 
 impl Loader<PlannedQuery> for AggregateLoader {

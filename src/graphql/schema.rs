@@ -172,6 +172,14 @@ impl SubscriptionRoot {
         let key = planned.key.short().to_owned();
         let limit = query.limit();
         let interval = shared.live.interval(every_seconds);
+        if !shared.live.is_live(&planned.key) {
+            // A key new to this instance may cost a BI query: counted
+            // against the caller's quota like one.
+            let identity = ctx.data_opt::<Identity>().unwrap_or(&Identity::Open);
+            super::loader::spend_quota(shared.live.counters().as_ref(), identity, 1)
+                .await
+                .map_err(|err| ResolverError::from(err).extend())?;
+        }
         let subscription = shared
             .live
             .subscribe(planned, interval, &connection)

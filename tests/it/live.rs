@@ -605,3 +605,50 @@ async fn silent_connections_are_closed() {
     assert!(settled > before);
     drop(tcp);
 }
+
+/// A subscription to a key new to the instance may cost a BI query: it is
+/// counted against the caller's quota like one (`AUTH_JWT_QUOTA_PER_MINUTE`),
+/// so subscribing and ending over and over cannot buy unlimited BI calls;
+/// past the quota, `RATE_LIMITED` and no BI query.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_subscriptions_spend_the_callers_quota() {
+    let env = TestEnv::start(
+        live_env()
+            .env("AUTH_JWT_SECRET", JWT_SECRET)
+            .env("AUTH_JWT_QUOTA_PER_MINUTE", 2),
+    )
+    .await;
+    let mut connection = LiveConnection::connect(
+        env.gateway(),
+        json!({"Authorization": format!("Bearer {}", token_for("quota", json!(["acme"])))}),
+    )
+    .await
+    .expect("admitted");
+    let panel = |day: u32| {
+        input(
+            "acme",
+            "2025-03-01",
+            &format!("2025-03-{day:02}"),
+            &["Sales.orders"],
+            &[],
+            None,
+        )
+    };
+    for (id, day) in [("a", 2), ("b", 3)] {
+        connection.subscribe(id, &panel(day), None).await;
+        let received = connection.wait_for(id, 1, Duration::from_secs(10)).await;
+        assert!(
+            received[0].payload["data"]["aggregateLive"]["rows"].is_array(),
+            "{:?}",
+            received[0].payload
+        );
+    }
+    connection.subscribe("c", &panel(4), None).await;
+    let received = connection.wait_for("c", 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        received[0].payload["errors"][0]["extensions"]["code"], "RATE_LIMITED",
+        "{:?}",
+        received[0].payload
+    );
+    assert_eq!(env.sim.stats().queries, 2, "{:?}", env.sim.stats());
+}
