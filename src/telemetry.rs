@@ -409,27 +409,38 @@ static SAMPLING: OnceLock<TraceSampling> = OnceLock::new();
 /// be, from the moment it needs the BI or Redis ([`RequestTrace::Deferred`]):
 /// the sampler only ever drops requests answered from process memory.
 pub fn samples(headers: &http::HeaderMap) -> bool {
-    if !exporting() {
-        return false;
-    }
-    let sampling = SAMPLING.get().copied().unwrap_or_default();
-    if sampling.parent_based
-        && let Some(sampled) = caller_sampled(headers)
-    {
-        return sampled;
-    }
-    sampling.ratio >= 1.0 || (sampling.ratio > 0.0 && fastrand::f64() < sampling.ratio)
+    exporting() && sampling_of(headers).0
 }
 
-/// The sampled flag of the caller's `traceparent`, when it sent a valid one.
-fn caller_sampled(headers: &http::HeaderMap) -> Option<bool> {
-    if !headers.contains_key(TRACEPARENT) {
+/// The root span of a request traced from its start, in the caller's trace
+/// when it sent one; `None` when it is not (see [`samples`]).
+pub fn sampled_span(headers: &http::HeaderMap, operation: &str) -> Option<tracing::Span> {
+    if !exporting() {
         return None;
     }
-    let parent = extract(headers);
-    let span = parent.span();
-    let context = span.span_context();
-    context.is_valid().then(|| context.is_sampled())
+    let (sampled, caller) = sampling_of(headers);
+    sampled.then(|| {
+        let span = request_span(operation);
+        if let Some(caller) = caller {
+            let _ = span.set_parent(caller);
+        }
+        span
+    })
+}
+
+/// The sampler's decision for a request, and the caller's trace context
+/// when it sent a valid one (read once: `traceparent` is parsed here only).
+fn sampling_of(headers: &http::HeaderMap) -> (bool, Option<opentelemetry::Context>) {
+    let caller = headers
+        .contains_key(TRACEPARENT)
+        .then(|| extract(headers))
+        .filter(|context| context.span().span_context().is_valid());
+    let sampling = SAMPLING.get().copied().unwrap_or_default();
+    let sampled = match &caller {
+        Some(context) if sampling.parent_based => context.span().span_context().is_sampled(),
+        _ => sampling.ratio >= 1.0 || (sampling.ratio > 0.0 && fastrand::f64() < sampling.ratio),
+    };
+    (sampled, caller)
 }
 
 const TRACEPARENT: &str = "traceparent";
@@ -476,9 +487,7 @@ impl RequestTrace {
     pub fn decide(headers: &http::HeaderMap, operation: &str) -> RequestTrace {
         if !exporting() {
             RequestTrace::Off
-        } else if samples(headers) {
-            let span = request_span(operation);
-            continue_trace(&span, headers);
+        } else if let Some(span) = sampled_span(headers, operation) {
             RequestTrace::Started(span)
         } else {
             RequestTrace::Deferred {
@@ -652,6 +661,13 @@ pub fn span_ids(span: &tracing::Span) -> Option<(String, String)> {
         .then(|| (ids.trace_id().to_string(), ids.span_id().to_string()))
 }
 
+/// Links `span` to the `bi.call` that produced `entry`, when it was traced.
+pub fn link_to_producer(span: &tracing::Span, entry: &crate::cache::Entry) {
+    if let (Some(trace_id), Some(span_id)) = (&entry.trace_id, &entry.span_id) {
+        link_to(span, trace_id, span_id);
+    }
+}
+
 /// Links `span` to another span, by hex ids (as stored with cache entries).
 pub fn link_to(span: &tracing::Span, trace_id: &str, span_id: &str) {
     let (Ok(trace_id), Ok(span_id)) = (TraceId::from_hex(trace_id), SpanId::from_hex(span_id))
@@ -665,14 +681,6 @@ pub fn link_to(span: &tracing::Span, trace_id: &str, span_id: &str) {
         true,
         TraceState::default(),
     ));
-}
-
-/// Makes `span` a child of the trace named by incoming `traceparent` headers.
-pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    let parent = extract(headers);
-    if parent.span().span_context().is_valid() {
-        let _ = span.set_parent(parent);
-    }
 }
 
 /// Adds the current span's `traceparent` to outgoing headers.

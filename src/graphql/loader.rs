@@ -135,11 +135,8 @@ impl Loader<PlannedQuery> for AggregateLoader {
             // A span started here: the resolvers' links (to the BI calls
             // that paid for these rows) went to no span.
             for answer in answers.values().flatten() {
-                if answer.status != CacheStatus::Miss
-                    && let (Some(trace_id), Some(span_id)) =
-                        (&answer.entry.trace_id, &answer.entry.span_id)
-                {
-                    telemetry::link_to(self.request_span(), trace_id, span_id);
+                if answer.status != CacheStatus::Miss {
+                    telemetry::link_to_producer(self.request_span(), &answer.entry);
                 }
             }
         }

@@ -317,10 +317,8 @@ impl QueryRoot {
         // The request's span links to the BI call that paid for these rows,
         // so an operator goes from any request to that call in one click.
         let request_span = tracing::Span::current();
-        if answer.status != CacheStatus::Miss
-            && let (Some(trace_id), Some(span_id)) = (&answer.entry.trace_id, &answer.entry.span_id)
-        {
-            telemetry::link_to(&request_span, trace_id, span_id);
+        if answer.status != CacheStatus::Miss {
+            telemetry::link_to_producer(&request_span, &answer.entry);
         }
         if shared.trace_customer_ids {
             request_span.record("customer", query.customer());

@@ -52,7 +52,7 @@ impl ResponseMedia {
     /// One GraphQL answer in this media type.
     pub(super) fn answer(self, response: async_graphql::Response) -> Response {
         let (status, body) = self.encode(&response);
-        (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        json_response(status, body.into())
     }
 
     /// The status and JSON body of one GraphQL answer in this media type.
@@ -103,6 +103,12 @@ impl ResponseMedia {
         }
         response
     }
+}
+
+/// A JSON body with `status`, typed `application/json` (relabelled by
+/// [`ResponseMedia::label`] for GraphQL over HTTP's media type).
+pub(super) fn json_response(status: StatusCode, body: axum::body::Bytes) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 #[cfg(test)]

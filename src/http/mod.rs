@@ -248,7 +248,7 @@ async fn post_answer(
     let reuse = match state.responses.lookup(&state.aggregator, &identity, &body) {
         Lookup::Served(stored) => {
             account_served_again(headers, &stored, started);
-            return no_store(json_body(stored.body.clone()));
+            return no_store(media::json_response(StatusCode::OK, stored.body.clone()));
         }
         Lookup::Execute(pending) => Some(pending),
         Lookup::Ineligible => None,
@@ -262,11 +262,13 @@ async fn post_answer(
                 .filter(|_| executed.repeatable && executed.response.is_ok())
                 .filter(|_| executed.response.extensions.is_empty());
             if let (Some(key), Some(served)) = (reuse, served) {
-                let body = Bytes::from(serde_json::to_vec(&executed.response).unwrap_or_default());
+                // An answer without errors: 200, the same body in either media type.
+                let (_, body) = media.encode(&executed.response);
+                let body = Bytes::from(body);
                 state
                     .responses
                     .store(key, body.clone(), served, executed.operation);
-                return no_store(json_body(body));
+                return no_store(media::json_response(StatusCode::OK, body));
             }
             no_store(with_degraded_flag(
                 executed.facts.degraded(),
@@ -395,31 +397,13 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
-/// A `200` with a GraphQL answer's JSON (labelled with the negotiated media
-/// type by the caller's `ResponseMedia::label`).
-fn json_body(body: Bytes) -> Response {
-    (
-        StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("application/json"),
-        )],
-        body,
-    )
-        .into_response()
-}
-
 /// Accounts for an answer served again from the response cache as for one
 /// executed: its operation's duration and, when traced, its request span
 /// with links to the BI calls that paid for its entries.
 fn account_served_again(headers: &HeaderMap, stored: &StoredResponse, started: std::time::Instant) {
-    if telemetry::samples(headers) {
-        let span = telemetry::request_span(&stored.operation);
-        telemetry::continue_trace(&span, headers);
+    if let Some(span) = telemetry::sampled_span(headers, &stored.operation) {
         for entry in ResponseCache::entries(stored) {
-            if let (Some(trace_id), Some(span_id)) = (&entry.trace_id, &entry.span_id) {
-                telemetry::link_to(&span, trace_id, span_id);
-            }
+            telemetry::link_to_producer(&span, &entry);
         }
     }
     metrics::histogram!(names::GRAPHQL_DURATION, "operation" => stored.operation.clone())
