@@ -370,6 +370,13 @@ impl Aggregator {
         }
     }
 
+    /// Whether a unit of this minute's refresh budget is left (not spent).
+    fn has_ahead_budget(&self) -> bool {
+        let minute = crate::cache::unix_millis() / 60_000;
+        let budget = self.ahead_budget.lock().unwrap_or_else(|p| p.into_inner());
+        budget.0 != minute || budget.1 < self.settings.refresh.ahead_per_minute
+    }
+
     fn take_ahead_budget(&self, trigger: RefreshTrigger) -> bool {
         let minute = crate::cache::unix_millis() / 60_000;
         let mut budget = self.ahead_budget.lock().unwrap_or_else(|p| p.into_inner());
@@ -428,6 +435,12 @@ impl Aggregator {
         // on the instance that wins the key's lock (every instance with
         // subscribers asks; one calls the BI).
         if trigger == RefreshTrigger::Ahead && !self.take_ahead_budget(trigger) {
+            return None;
+        }
+        // An instance past its budget does not ask at all: winning the lock
+        // and giving it back would leave the key to nobody.
+        if trigger == RefreshTrigger::Live && !self.has_ahead_budget() {
+            count_refreshed(Some(trigger), "over_budget");
             return None;
         }
         // Its own trace, linked from the request that caused it: a refresh

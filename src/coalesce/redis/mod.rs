@@ -394,6 +394,14 @@ impl RedisCoordinator {
     }
 }
 
+/// A batch's replies, one per key, or its trouble for every key.
+fn per_key(replies: Result<Vec<Value>, Trouble>, keys: usize) -> Vec<Result<Value, Trouble>> {
+    match replies {
+        Ok(replies) => replies.into_iter().map(Ok).collect(),
+        Err(trouble) => (0..keys).map(|_| Err(trouble)).collect(),
+    }
+}
+
 #[async_trait]
 impl Coordinator for RedisCoordinator {
     fn peek(&self, key: &CacheKey) -> Option<Cached> {
@@ -443,13 +451,14 @@ impl Coordinator for RedisCoordinator {
             })
             .collect();
         let cooldown_pttl = redis::cmd("PTTL").arg(self.layout.cooldown()).to_owned();
-        // What each key's script answered, or why it did not.
+        // What each key's script answered, or why it did not. The scripts go
+        // as one batch retried whole until the deadline: a retry re-runs the
+        // scripts of keys already won (re-entrant: it renews their locks), so
+        // no won lock ages while another key's shard is failing over.
         let (cooldown, replies): (Option<Duration>, Vec<Result<Value, Trouble>>) =
             if self.link.commands.is_cluster() {
-                // Each key on its own (to its slot's node, side by side): a
-                // shard that is down or refusing fails its own keys only, and
-                // the cool-down (one more slot) is read at best, never
-                // retried in their way.
+                // Side by side, each to its slot's node; the cool-down (one
+                // more slot) is read at best, never retried in their way.
                 let cooldown = async {
                     let reply = tokio::time::timeout(
                         self.settings.command_timeout,
@@ -460,29 +469,29 @@ impl Coordinator for RedisCoordinator {
                         _ => None,
                     }
                 };
-                let each = futures_util::future::join_all(scripts.iter().map(|script| {
-                    self.link
-                        .persist("lock", deadline, || self.link.coordinate::<Value>(script))
-                }));
-                futures_util::future::join(cooldown, each)
+                let scripts = self
+                    .link
+                    .persist("lock", deadline, || self.link.coordinate_each(&scripts));
+                let (cooldown, replies) = futures_util::future::join(cooldown, scripts)
                     .instrument(span.clone())
-                    .await
+                    .await;
+                (cooldown, per_key(replies, wants.len()))
             } else {
                 // One server: the cool-down and every script in one pipeline.
                 let mut commands = vec![cooldown_pttl];
                 commands.extend(scripts);
-                match self
+                let replies = self
                     .link
                     .persist("lock", deadline, || self.link.coordinate_each(&commands))
                     .instrument(span.clone())
-                    .await
-                {
+                    .await;
+                match replies {
                     Ok(mut replies) => {
                         let cooldown = replies.first().and_then(Self::cooldown_left);
                         let scripts = replies.split_off(1.min(replies.len()));
-                        (cooldown, scripts.into_iter().map(Ok).collect())
+                        (cooldown, per_key(Ok(scripts), wants.len()))
                     }
-                    Err(trouble) => (None, wants.iter().map(|_| Err(trouble)).collect()),
+                    Err(trouble) => (None, per_key(Err(trouble), wants.len())),
                 }
             };
         let deadline_error =

@@ -66,6 +66,8 @@ enum Op {
 pub(super) struct KeyWatch {
     hash: String,
     wake: watch::Receiver<Wake>,
+    /// The key's last `done` when this watch began: not an answer to it.
+    done_before: Option<Arc<Vec<u8>>>,
     subscriptions: Arc<Subscriptions>,
 }
 
@@ -143,9 +145,13 @@ impl Subscriptions {
         };
         // Built before the confirmation is awaited: a caller that gives up
         // waiting (its deadline) still unregisters through `Drop`.
+        // A `done` from before this watch (the key watched all along, by a
+        // live panel's follower) says nothing of the holder now waited on.
+        let done_before = wake.borrow().done.clone();
         let watch = KeyWatch {
             hash,
             wake,
+            done_before,
             subscriptions: Arc::clone(self),
         };
         (watch, confirm)
@@ -340,7 +346,11 @@ impl KeyWatch {
     /// The last `done` message of the key (what its settle stored), if one
     /// came since the watch began.
     pub(super) fn settled(&self) -> Option<Arc<Vec<u8>>> {
-        self.wake.borrow().done.clone()
+        let done = self.wake.borrow().done.clone()?;
+        match &self.done_before {
+            Some(before) if Arc::ptr_eq(before, &done) => None,
+            _ => Some(done),
+        }
     }
 }
 
